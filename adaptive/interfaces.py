@@ -1,0 +1,333 @@
+"""The component interfaces that plugins implement, and the result types they return.
+
+Shape legend used throughout the code base:
+    B batch, T sequence (time), K tokens selected at a recursion step, D model width,
+    H attention heads, G kv heads, E head dim, V vocabulary, S cache length, R recursion steps.
+
+Every component class carries a registered ``name`` and a pydantic ``Config`` (unknown keys forbidden).
+The recipe names a component by ``name``; the host validates the rest of the mapping against ``Config``
+and builds the component with ``cls.from_config(config, **context)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class ComponentConfig(BaseModel):
+    """Base of every component's Config: typed, validated, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component:
+    """Mixin that every registered component class carries."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    kind: ClassVar[str]  # set on each interface below
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(cls, config: ComponentConfig, **context: Any) -> "Component":
+        return cls(config, **context)  # type: ignore[call-arg]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharing schemes
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DepthPlan:
+    """Which physical layer block serves at each logical depth.
+
+    ``prelude`` and ``coda`` list the physical layers run once by every token before and after the
+    recursion block; ``steps[r]`` lists the physical layers of recursion step r (routing decides per token
+    which steps run). Logical layers are numbered prelude first, then steps in order, then coda; every
+    logical layer owns its own KV-cache slot even when physical weights repeat.
+    """
+
+    num_physical: int
+    prelude: tuple[int, ...]
+    steps: tuple[tuple[int, ...], ...]
+    coda: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def logical_to_physical(self) -> tuple[int, ...]:
+        return self.prelude + tuple(p for step in self.steps for p in step) + self.coda
+
+    @property
+    def num_logical(self) -> int:
+        return len(self.logical_to_physical)
+
+    def __post_init__(self) -> None:
+        used = set(self.logical_to_physical)
+        assert used == set(range(self.num_physical)), f"plan must use every physical layer: {self}"
+
+
+class SharingScheme(Component):
+    """Maps ``num_layers`` logical layers and ``num_recursions`` steps to a DepthPlan."""
+
+    kind: ClassVar[str] = "sharing_scheme"
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    def plan(self, num_layers: int, num_recursions: int) -> DepthPlan:
+        raise NotImplementedError  # interface: implemented by every registered scheme
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routers
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RouteDecision:
+    """What a router decides for one recursion step.
+
+    ``selected_BT``: tokens that run this step (the engine ANDs it with the tokens still active, so a
+    router cannot revive a token that stopped: hierarchical filtering lives in the engine).
+    ``gate_BT``: the gate applied by ``Router.combine`` (1.0 where the router does not gate).
+    ``num_selected``: a per-row count the router guarantees (top-k in training). When set, the engine
+    gathers exactly that many tokens per row with static shapes and no host sync.
+    ``carry``: anything the router needs again at the next step of the same forward (e.g. the depth that
+    token-choice assigned at step 0). It lives only for one forward; nothing is kept on the module.
+    """
+
+    selected_BT: Tensor
+    gate_BT: Tensor
+    num_selected: int | None = None
+    logits_BT: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    carry: Any = None
+
+
+@dataclass
+class RouteContext:
+    """Everything a router may look at besides the hidden states of the current step."""
+
+    step: int  # 0-based recursion step
+    num_steps: int
+    capacity: float  # fraction of the sequence this step may keep (from the depth scheduler)
+    training_rule: bool  # True: the training-time rule (e.g. top-k); False: the causal inference rule
+    active_BT: Tensor  # tokens that reached this step
+    valid_BT: Tensor  # False at padding positions
+    first_hidden_BTD: Tensor  # hidden state entering the recursion block (H^1)
+    carry: Any = None  # the previous step's RouteDecision.carry
+
+
+class Router(Component, nn.Module):
+    """Decides, per recursion step, which tokens continue and with what gate.
+
+    ``causal_in_training`` declares whether the training-time rule is causal (expert-choice top-k over the
+    sequence is not); the property tests check the inference rule of every router is causal.
+    """
+
+    kind: ClassVar[str] = "router"
+    causal_in_training: ClassVar[bool] = True
+
+    def __init__(self, config: ComponentConfig, *, d_model: int, num_steps: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.d_model = d_model
+        self.num_steps = num_steps
+
+    def base_capacities(self) -> list[float]:
+        """The fraction of tokens each step keeps before any schedule is applied."""
+        return [1.0] * self.num_steps
+
+    def route(self, hidden_BTD: Tensor, ctx: RouteContext) -> RouteDecision:
+        raise NotImplementedError  # interface: implemented by every registered router
+
+    def combine(self, hidden_KD: Tensor, block_out_KD: Tensor, gate_K: Tensor, first_KD: Tensor, step: int) -> Tensor:
+        """The new hidden state of the tokens that ran this step (default: gated delta)."""
+        return hidden_KD + gate_K.unsqueeze(-1).to(hidden_KD.dtype) * (block_out_KD - hidden_KD)
+
+    def after_optimizer_step(self, stats: "RoutingStats") -> None:
+        """Hook for state updated outside autograd after each optimizer step (e.g. loss-free bias)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV policies
+# ----------------------------------------------------------------------------------------------------
+
+
+class KVPolicy(Component):
+    """What each recursion step caches and what its queries attend to.
+
+    For every logical layer j of recursion step r (0-based) the engine asks:
+      * ``writes(r)``: whose fresh keys/values the (r, j) cache slot stores: ``"all"`` tokens (exited
+        ones from their frozen hidden state), only the tokens ``"selected"`` at step r, or ``"none"``;
+      * ``reads(r)``: the steps whose (·, j) slots the queries of step r attend to, in precedence order
+        (a position stored in an earlier listed slot shadows the same position in later ones).
+    Queries always come from the tokens selected at step r and attend only to stored entries at earlier
+    or equal positions (and, with packing, in the same document). Layers outside the recursion block
+    (prelude, coda) always behave as ``writes="all"``, ``reads=(own,)``.
+    """
+
+    kind: ClassVar[str] = "kv_policy"
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    def writes(self, step: int) -> Literal["all", "selected", "none"]:
+        raise NotImplementedError  # interface: implemented by every registered policy
+
+    def reads(self, step: int) -> tuple[int, ...]:
+        raise NotImplementedError  # interface: implemented by every registered policy
+
+    def validate(self, num_steps: int) -> None:
+        """Raise ValueError when the policy cannot serve ``num_steps`` steps (e.g. a read of a slot
+        that no step writes)."""
+        for step in range(num_steps):
+            for source in self.reads(step):
+                if not 0 <= source <= step:
+                    raise ValueError(f"kv policy {self.name!r}: step {step} reads step {source}, which is not an earlier or the same step")
+                if self.writes(source) == "none":
+                    raise ValueError(f"kv policy {self.name!r}: step {step} reads step {source}, which writes nothing")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depth schedulers
+# ----------------------------------------------------------------------------------------------------
+
+
+class DepthScheduler(Component):
+    """Turns a router's base capacities into the capacities used at a point of training.
+
+    ``progress`` is the fraction of training done (0..1), passed explicitly into the forward by the
+    trainer; ``None`` means "after training" (evaluation, inference).
+    """
+
+    kind: ClassVar[str] = "depth_scheduler"
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    def capacities(self, base: list[float], progress: float | None) -> list[float]:
+        raise NotImplementedError  # interface: implemented by every registered scheduler
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention backends and FFNs (the block's swappable parts)
+# ----------------------------------------------------------------------------------------------------
+
+
+class AttentionBackend(Component):
+    """Computes softmax attention of queries against keys, given a boolean mask or a causal flag.
+
+    ``q_BHQE``, ``k_BHSE``, ``v_BHSE``; ``allowed_BQS`` (True = may attend) or ``causal=True`` meaning
+    query i attends keys 0..i of an equally long, equally ordered key sequence. Returns ``out_BHQE``.
+    """
+
+    kind: ClassVar[str] = "attention_backend"
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    def attend(self, q_BHQE: Tensor, k_BHSE: Tensor, v_BHSE: Tensor, *, allowed_BQS: Tensor | None, causal: bool) -> Tensor:
+        raise NotImplementedError  # interface: implemented by every registered backend
+
+
+@dataclass
+class FFNOutput:
+    out_BTD: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class FFN(Component, nn.Module):
+    """The position-wise feed-forward part of a block (SwiGLU, or a mixture of experts)."""
+
+    kind: ClassVar[str] = "ffn"
+
+    def __init__(self, config: ComponentConfig, *, d_model: int, d_ffn: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.d_model = d_model
+        self.d_ffn = d_ffn
+
+    def forward(self, x_ND: Tensor) -> FFNOutput:  # N = any number of tokens
+        raise NotImplementedError  # interface: implemented by every registered FFN
+
+    def flops_per_token(self) -> int:
+        """Forward matmul FLOPs per token (2 per multiply-add) actually spent, for the accountant."""
+        raise NotImplementedError  # interface: implemented by every registered FFN
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results of a model forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingStats:
+    """Per-forward routing statistics. ``depth_BT``: recursion steps each token ran (0..R)."""
+
+    depth_BT: Tensor | None = None
+    selected_per_step: list[Tensor] = field(default_factory=list)  # R tensors of shape (B, T), bool
+    logits_per_step: list[Tensor | None] = field(default_factory=list)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModelOutput:
+    logits_BTV: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # already scaled by their coefficients
+    stats: RoutingStats = field(default_factory=RoutingStats)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        if not self.aux_losses:
+            return self.logits_BTV.new_zeros(())
+        return torch.stack([v.float() for v in self.aux_losses.values()]).sum()
+
+
+KINDS: dict[str, type[Component]] = {
+    "sharing_scheme": SharingScheme,
+    "router": Router,
+    "kv_policy": KVPolicy,
+    "depth_scheduler": DepthScheduler,
+    "attention_backend": AttentionBackend,
+    "ffn": FFN,
+}
+
+ExecMode = Literal["train", "infer"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data sources
+# ----------------------------------------------------------------------------------------------------
+
+
+class DataSource(Component):
+    """A corpus of text documents, split deterministically by document into train and validation."""
+
+    kind: ClassVar[str] = "dataset"
+
+    def __init__(self, config: ComponentConfig):
+        self.config = config
+
+    def documents(self, split: Literal["train", "validation"]) -> list[str]:
+        raise NotImplementedError  # interface: implemented by every registered data source
+
+    def describe(self) -> str:
+        """One line naming the corpus and its origin (printed by the trainer, credited in docs)."""
+        return self.name
+
+
+KINDS["dataset"] = DataSource

@@ -1,0 +1,88 @@
+"""The ``model`` section of a recipe: the Llama shape, the recursion depth, and the named components."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adaptive.registry import ComponentSpec
+
+# SmolLM shapes (SPEC §2) and small shapes that train on a 2-core CPU.
+PRESETS: dict[str, dict[str, int]] = {
+    "micro": dict(num_layers=5, d_model=64, num_heads=4, num_kv_heads=2, d_ffn=172, vocab_size=512, max_seq_len=128),
+    "tiny": dict(num_layers=8, d_model=128, num_heads=4, num_kv_heads=2, d_ffn=344, vocab_size=2048, max_seq_len=256),
+    "smollm-135m": dict(num_layers=30, d_model=576, num_heads=9, num_kv_heads=3, d_ffn=1536, vocab_size=49152, max_seq_len=2048),
+    "smollm-360m": dict(num_layers=32, d_model=960, num_heads=15, num_kv_heads=5, d_ffn=2560, vocab_size=49152, max_seq_len=2048),
+    "smollm-730m": dict(num_layers=26, d_model=1536, num_heads=24, num_kv_heads=8, d_ffn=4096, vocab_size=49152, max_seq_len=2048),
+    "smollm-1.7b": dict(num_layers=24, d_model=2048, num_heads=32, num_kv_heads=32, d_ffn=8192, vocab_size=49152, max_seq_len=2048),
+}
+SHAPE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ffn", "vocab_size", "max_seq_len")
+
+
+class ModelConfig(BaseModel):
+    """Shape of a Llama-style decoder plus the components that make it adaptive.
+
+    ``preset`` fills any shape key left unset; ``vocab_size`` may be left to the tokenizer.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = Field(default=None, description=f"one of {', '.join(PRESETS)}")
+    num_layers: int | None = Field(default=None, gt=0, description="logical layers, unrolled depth")
+    d_model: int | None = Field(default=None, gt=0)
+    num_heads: int | None = Field(default=None, gt=0)
+    num_kv_heads: int | None = Field(default=None, gt=0)
+    d_ffn: int | None = Field(default=None, gt=0)
+    vocab_size: int | None = Field(default=None, gt=0)
+    max_seq_len: int | None = Field(default=None, gt=0)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    init_std: float = Field(default=0.02, gt=0)
+    tie_embeddings: bool = True
+    num_recursions: int = Field(default=1, ge=1, description="N_r, recursion steps of the shared block")
+    per_step_norms: bool = Field(default=False, description="each recursion step gets its own RMSNorm weights")
+    sharing: ComponentSpec = ComponentSpec(name="none")
+    router: ComponentSpec = ComponentSpec(name="all")
+    kv_policy: ComponentSpec = ComponentSpec(name="full")
+    depth_scheduler: ComponentSpec = ComponentSpec(name="constant")
+    attention: ComponentSpec = ComponentSpec(name="sdpa")
+    ffn: ComponentSpec = ComponentSpec(name="swiglu")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        preset = data["preset"]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (valid: {', '.join(PRESETS)})")
+        return {**PRESETS[preset], **{k: v for k, v in data.items() if v is not None}}
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "ModelConfig":
+        missing = [k for k in SHAPE_KEYS if k != "vocab_size" and getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"set {', '.join(missing)} or a preset ({', '.join(PRESETS)})")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"head dim d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+# recipe key in ``model`` -> registry kind
+MODEL_COMPONENTS = {
+    "sharing": "sharing_scheme",
+    "router": "router",
+    "kv_policy": "kv_policy",
+    "depth_scheduler": "depth_scheduler",
+    "attention": "attention_backend",
+    "ffn": "ffn",
+}

@@ -1,0 +1,1 @@
+"""Built-in plugin: Mixture-of-Recursions routers, KV policies and capacity schedules."""
