@@ -103,6 +103,9 @@ class RouteDecision:
     ``gate_BT``: the gate applied by ``Router.combine`` (1.0 where the router does not gate).
     ``num_selected``: a per-row count the router guarantees (top-k in training). When set, the engine
     gathers exactly that many tokens per row with static shapes and no host sync.
+    ``max_selected``: an upper bound on the per-row count (e.g. top-k within each packed document); the
+    engine gathers that many slots per row, the surplus ones masked out, still without a host sync.
+    With neither, the engine sizes the gather from the data (one host sync per step).
     ``carry``: anything the router needs again at the next step of the same forward (e.g. the depth that
     token-choice assigned at step 0). It lives only for one forward; nothing is kept on the module.
     """
@@ -110,6 +113,7 @@ class RouteDecision:
     selected_BT: Tensor
     gate_BT: Tensor
     num_selected: int | None = None
+    max_selected: int | None = None
     logits_BT: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, Tensor] = field(default_factory=dict)
@@ -128,6 +132,7 @@ class RouteContext:
     valid_BT: Tensor  # False at padding positions
     first_hidden_BTD: Tensor  # hidden state entering the recursion block (H^1)
     carry: Any = None  # the previous step's RouteDecision.carry
+    doc_ids_BT: Tensor | None = None  # document of each token in a packed row (None: one per row)
 
 
 class Router(Component, nn.Module):
@@ -232,6 +237,8 @@ class AttentionBackend(Component):
 
     ``q_BHQE``, ``k_BHSE``, ``v_BHSE``; ``allowed_BQS`` (True = may attend) or ``causal=True`` meaning
     query i attends keys 0..i of an equally long, equally ordered key sequence. Returns ``out_BHQE``.
+    Keys may have fewer heads than queries (grouped-query attention). The engine guarantees every query
+    row of ``allowed_BQS`` allows at least one key.
     """
 
     kind: ClassVar[str] = "attention_backend"

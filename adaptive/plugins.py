@@ -1,15 +1,17 @@
 """The plugin manager: built-in and third-party plugins load the same way, through entry points.
 
-Entry points in the group ``adaptive`` are loaded one at a time. A plugin that fails to import, names a
-hook that does not exist, or fails while registering is recorded with its error and a warning, and
-everything else goes on (``ADAPTIVE_STRICT_PLUGINS=1`` turns that into an error).
-``ADAPTIVE_LOAD_PLUGINS=a,b`` loads only the named entry points.
+Entry points in the group ``adaptive`` are loaded one at a time, the built-in ones (those of the
+``adaptive-lm`` distribution) first, so a third-party plugin can never displace a built-in name. A plugin
+that fails to import, names a hook that does not exist, or fails while registering is recorded with its
+error and a warning, and everything else goes on (``ADAPTIVE_STRICT_PLUGINS=1`` turns that into an
+error). ``ADAPTIVE_LOAD_PLUGINS=a,b`` loads only the named third-party entry points (empty: none); the
+built-in plugins always load.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -18,10 +20,11 @@ from typing import Any
 import pluggy
 
 from adaptive import hookspecs
-from adaptive.errors import PluginError, PluginWarning
+from adaptive.errors import AdaptiveError, PluginError, PluginWarning
 from adaptive.registry import Registry
 
 ENTRY_POINT_GROUP = "adaptive"
+BUILTIN_DISTRIBUTION = "adaptive-lm"
 COMPONENT_HOOKS = {
     "register_sharing_schemes": "sharing_scheme",
     "register_routers": "router",
@@ -57,45 +60,60 @@ class PluginHost:
         self.plugins: dict[str, PluginInfo] = {}
 
     def load_entry_points(self, allow: set[str] | None = None) -> None:
-        seen = set()
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in seen or (allow is not None and ep.name not in allow):
+        """Load every entry point of the group (third-party ones narrowed by ``allow``), one at a time."""
+        loaded: dict[str, str | None] = {}
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
+            dist = _distribution_name(ep)
+            if allow is not None and dist != BUILTIN_DISTRIBUTION and ep.name not in allow:
                 continue
-            seen.add(ep.name)
-            dist = getattr(ep, "dist", None)
-            info = PluginInfo(ep.name, version=dist.version if dist else None, distribution=dist.name if dist else None)
+            if ep.name in loaded:  # the same distribution seen twice on sys.path is harmless
+                if loaded[ep.name] != dist:
+                    self._fail(PluginInfo(ep.name, distribution=dist),
+                               f"entry point name already used by distribution {loaded[ep.name]!r}", record=False)
+                continue
+            loaded[ep.name] = dist
+            info = PluginInfo(ep.name, version=ep.dist.version if ep.dist else None, distribution=dist)
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken third-party plugin must never take the host down
-                self._fail(info, f"import failed: {type(exc).__name__}: {exc}", exc)
+            except (Exception, SystemExit) as exc:  # a broken third-party plugin must never take the host down
+                self._fail(info, f"import failed: {_one_line(exc)}", exc)
                 continue
             self.register_plugin(module, ep.name, info)
 
     def register_plugin(self, plugin: object, name: str, info: PluginInfo | None = None) -> PluginInfo:
         """Register one plugin object (module or instance) and the components it provides."""
         info = info or PluginInfo(name)
+        if self.pm.has_plugin(name) or self.pm.is_registered(plugin):
+            self._fail(info, "a plugin with this name or object is already registered", record=False)
+            return info
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
-        except Exception as exc:
+        except pluggy.PluginValidationError as exc:
+            message = _unknown_hooks_message(self.pm, plugin) or f"invalid hook: {_one_line(exc)}"
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            self._fail(info, f"invalid hooks: {exc}", exc)
+            self._fail(info, message, exc)
             return info
-        info.hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
+        info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
         self.plugins[name] = info
-        for hook_name, kind in COMPONENT_HOOKS.items():
-            if hook_name not in info.hooks:
+        self._register_components(plugin, info)
+        return info
+
+    def _register_components(self, plugin: object, info: PluginInfo) -> None:
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            kind = COMPONENT_HOOKS.get(caller.name)
+            impls = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
+            if kind is None or not impls:
                 continue
             try:
-                getattr(plugin, hook_name)(register=self._register_for(kind, name))
+                impls[0].function(register=self._register_for(kind, info.name))
             except Exception as exc:
-                self.registry.drop_plugin(name)
+                self.registry.drop_plugin(info.name)
                 self.pm.unregister(plugin)
                 info.hooks = []
-                self._fail(info, f"{hook_name} failed: {type(exc).__name__}: {exc}", exc)
-                return info
-        return info
+                self._fail(info, f"{caller.name} failed: {_one_line(exc)}", exc)
+                return
 
     def _register_for(self, kind: str, plugin_name: str):
         def register(cls: type) -> None:
@@ -103,13 +121,46 @@ class PluginHost:
 
         return register
 
-    def _fail(self, info: PluginInfo, message: str, exc: BaseException) -> None:
-        info.error = message
-        self.plugins[info.name] = info
+    def fail(self, name: str, message: str, exc: BaseException | None = None) -> None:
+        """Record that an already registered plugin failed later (e.g. in ``register_commands``)."""
+        info = self.plugins.setdefault(name, PluginInfo(name))
+        self._fail(info, message, exc)
+
+    def _fail(self, info: PluginInfo, message: str, exc: BaseException | None = None, record: bool = True) -> None:
+        if record:
+            info.error = message
+            self.plugins[info.name] = info
         if self.strict:
-            raise PluginError(f"plugin {info.name!r}: {message}") from exc
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        warnings.warn(f"plugin {info.name!r} was not loaded: {message} ({detail})", PluginWarning, stacklevel=2)
+            raise PluginError(f"plugin {info.name!r}: {message} (ADAPTIVE_STRICT_PLUGINS is set)") from exc
+        warnings.warn(f"plugin {info.name!r} was not loaded: {message}", PluginWarning, stacklevel=3)
+
+
+def _distribution_name(ep: metadata.EntryPoint) -> str | None:
+    return ep.dist.name if getattr(ep, "dist", None) else None
+
+
+def _load_order(ep: metadata.EntryPoint) -> tuple[bool, str]:
+    return (_distribution_name(ep) != BUILTIN_DISTRIBUTION, ep.name)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, AdaptiveError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unknown_hooks_message(pm: pluggy.PluginManager, plugin: object) -> str | None:
+    """``unknown hook 'register_routerz' (did you mean 'register_routers'?)`` for a misspelled hook."""
+    unknown = [c.name for c in pm.get_hookcallers(plugin) or [] if c.spec is None]
+    if not unknown:
+        return None
+    valid = sorted(n for n in dir(hookspecs) if n.startswith("register_"))
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        parts.append(f"unknown hook {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(parts) + f"; valid hooks: {', '.join(valid)}"
 
 
 def _env_flag(name: str) -> bool:

@@ -21,10 +21,7 @@ class SDPA(AttentionBackend):
             assert q_BHQE.shape[2] == k_BHSE.shape[2], "causal=True needs equal query and key lengths"
             return F.scaled_dot_product_attention(q_BHQE, k_BHSE, v_BHSE, is_causal=True, enable_gqa=True)
         mask = None if allowed_BQS is None else allowed_BQS[:, None]
-        out = F.scaled_dot_product_attention(q_BHQE, k_BHSE, v_BHSE, attn_mask=mask, enable_gqa=True)
-        if mask is not None:  # a query with no allowed key (a padding slot) gives NaN: make it 0
-            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-        return out
+        return F.scaled_dot_product_attention(q_BHQE, k_BHSE, v_BHSE, attn_mask=mask, enable_gqa=True)
 
 
 class Flex(AttentionBackend):

@@ -1,0 +1,7 @@
+"""The model: Llama-style parts, the recursion engine, KV storage."""
+
+from adaptive.model.cache import KVCache, KVStore
+from adaptive.model.config import PRESETS, ModelConfig
+from adaptive.model.transformer import AdaptiveLM, build_model
+
+__all__ = ["PRESETS", "AdaptiveLM", "KVCache", "KVStore", "ModelConfig", "build_model"]

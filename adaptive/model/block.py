@@ -1,0 +1,60 @@
+"""A physical decoder layer: grouped-query attention projections and a pluggable FFN.
+
+The layer owns weights only. How its attention is wired (which tokens query, which keys they see) is
+decided per logical layer by the engine, so the same weights serve every recursion step.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from adaptive.interfaces import FFN
+from adaptive.model.layers import RMSNorm, Rotary
+
+Tensor = torch.Tensor
+
+
+class Attention(nn.Module):
+    """Q/K/V/O projections (no biases, as Llama)."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.q_proj = nn.Linear(d_model, num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, d_model, bias=False)
+
+    def queries(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        q_BHKE = rearrange(self.q_proj(x_BKD), "b k (h e) -> b h k e", h=self.num_heads)
+        return Rotary.apply(q_BHKE, cos, sin)
+
+    def keys_values(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        k_BGKE = rearrange(self.k_proj(x_BKD), "b k (g e) -> b g k e", g=self.num_kv_heads)
+        v_BGKE = rearrange(self.v_proj(x_BKD), "b k (g e) -> b g k e", g=self.num_kv_heads)
+        return Rotary.apply(k_BGKE, cos, sin), v_BGKE
+
+    def output(self, attn_BHKE: Tensor) -> Tensor:
+        return self.o_proj(rearrange(attn_BHKE, "b h k e -> b k (h e)"))
+
+
+class Norms(nn.Module):
+    """The two RMSNorms of a layer, kept apart so recursion steps may own theirs (per_step_norms)."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, eps)
+        self.ffn_norm = RMSNorm(d_model, eps)
+
+
+class Layer(nn.Module):
+    """The weights of one physical layer."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, ffn: FFN):
+        super().__init__()
+        self.attn = Attention(d_model, num_heads, num_kv_heads)
+        self.ffn = ffn

@@ -1,0 +1,292 @@
+"""The recursion engine: prelude, routed recursion steps over the shared block, coda.
+
+At each recursion step the engine asks the depth scheduler for the step's capacity and the router for
+the tokens that continue (ANDed with the tokens still active: hierarchical filtering lives here, once),
+gathers those tokens, runs the step's layers on them with the KV policy's attention rule, and scatters
+the result back through ``Router.combine``. Nothing is kept on the module between forwards: auxiliary
+losses and statistics are returned.
+
+Static shapes: when the router guarantees a per-row count (top-k in training) the gather has that size
+and no host sync happens. Data-dependent routing (the causal inference rule, token-choice) takes one
+host sync per step to size the gather at the largest row count; a step no token reaches is skipped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaptive.interfaces import (
+    AttentionBackend,
+    DepthPlan,
+    DepthScheduler,
+    KVPolicy,
+    RouteContext,
+    RouteDecision,
+    Router,
+    RoutingStats,
+)
+from adaptive.model.block import Layer, Norms
+from adaptive.model.cache import KVStore
+from adaptive.model.layers import Rotary
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Pass:
+    """What one forward pass is about: positions, padding, documents, the KV store and its offset."""
+
+    position_ids_BT: Tensor
+    valid_BT: Tensor | None  # None: no padding
+    doc_ids_BT: Tensor | None  # None: one document per row
+    store: KVStore | None  # None: no cache and no cross-step reads needed
+    offset: int  # columns already in the store
+    training_rule: bool
+    progress: float | None
+    cos_BT: Tensor  # rotary tables at every position of the pass (B 1 T E)
+    sin_BT: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.position_ids_BT.shape[1]
+
+
+@dataclass
+class Selection:
+    """The tokens that run a step, gathered in causal (column) order."""
+
+    idx_BK: Tensor | None  # None: every token, in place
+    qvalid_BK: Tensor | None  # None: all K gathered entries are real selections
+    size: int
+
+    def gather(self, x_BT_: Tensor) -> Tensor:
+        if self.idx_BK is None:
+            return x_BT_
+        index = self.idx_BK.view(*self.idx_BK.shape, *([1] * (x_BT_.dim() - 2))).expand(-1, -1, *x_BT_.shape[2:])
+        return x_BT_.gather(1, index)
+
+    def scatter(self, full_BTD: Tensor, part_BKD: Tensor) -> Tensor:
+        if self.idx_BK is None:
+            return part_BKD
+        index = self.idx_BK[..., None].expand(-1, -1, full_BTD.shape[-1])
+        return full_BTD.scatter(1, index, part_BKD)
+
+
+@dataclass
+class StepWiring:
+    """How the layers of one step attend: fast compact attention, or through the KV store."""
+
+    sel: Selection
+    writes: str  # "all" | "selected" | "none"
+    reads: tuple[int, ...]  # steps whose slots are read (same layer index within the step)
+    use_store: bool
+    cos: Tensor
+    sin: Tensor
+    compact_allowed: Tensor | None = None  # fast path mask (B K K), None with causal=True
+    dense_hidden: Tensor | None = None  # hidden entering the step, for writes="all"
+
+
+def compact(selected_BT: Tensor, decision: RouteDecision, length: int) -> Selection:
+    """Gather indices of the selected tokens, sorted by column; static when the count is known."""
+    if decision.num_selected == length:
+        return Selection(None, None, length)
+    order_BT = torch.sort((~selected_BT).to(torch.uint8), dim=1, stable=True).indices
+    if decision.num_selected is not None:
+        return Selection(order_BT[:, : decision.num_selected], None, decision.num_selected)
+    count_B = selected_BT.sum(1)
+    if decision.max_selected is not None:
+        size = min(decision.max_selected, length)
+    else:
+        size = int(count_B.max())  # data-dependent routing: the one host sync per step
+    arange_K = torch.arange(size, device=selected_BT.device)
+    return Selection(order_BT[:, :size], arange_K[None] < count_B[:, None], size)
+
+
+class RecursionEngine(nn.Module):
+    def __init__(self, plan: DepthPlan, layers: nn.ModuleList, norms: nn.ModuleList, norm_index: list[int],
+                 router: Router, kv_policy: KVPolicy, scheduler: DepthScheduler, backend: AttentionBackend):
+        super().__init__()
+        self.plan = plan
+        self.layers = layers
+        self.norms = norms
+        self.norm_index = norm_index
+        self.router = router
+        self.kv_policy = kv_policy
+        self.scheduler = scheduler
+        self.backend = backend
+        self.physical_of = plan.logical_to_physical
+        first_step = len(plan.prelude)
+        per_step = len(plan.steps[0]) if plan.steps else 0
+        self.step_layers = [list(range(first_step + r * per_step, first_step + (r + 1) * per_step)) for r in range(plan.num_steps)]
+        self.coda_layers = list(range(first_step + plan.num_steps * per_step, plan.num_logical))
+
+    # ------------------------------------------------------------------ the loop
+
+    def forward(self, h_BTD: Tensor, p: Pass) -> tuple[Tensor, dict[str, Tensor], RoutingStats]:
+        aux: dict[str, Tensor] = defaultdict(lambda: h_BTD.new_zeros((), dtype=torch.float32))
+        stats = RoutingStats()
+        everyone = Selection(None, None, p.length)
+        for layer in range(len(self.plan.prelude)):
+            h_BTD = self.run_layers([layer], h_BTD, self.wire_full(everyone, p, h_BTD), p, aux)
+        if self.plan.steps:
+            h_BTD = self.recurse(h_BTD, p, aux, stats)
+        for layer in self.coda_layers:
+            h_BTD = self.run_layers([layer], h_BTD, self.wire_full(everyone, p, h_BTD), p, aux)
+        return h_BTD, dict(aux), stats
+
+    def recurse(self, h_BTD: Tensor, p: Pass, aux: dict, stats: RoutingStats) -> Tensor:
+        B, T, _ = h_BTD.shape
+        capacities = self.scheduler.capacities(self.router.base_capacities(), p.progress)
+        assert len(capacities) == self.plan.num_steps, "a depth scheduler must return one capacity per step"
+        first_BTD = h_BTD
+        active_BT = torch.ones(B, T, dtype=torch.bool, device=h_BTD.device)
+        valid_BT = p.valid_BT if p.valid_BT is not None else active_BT
+        depth_BT = torch.zeros(B, T, dtype=torch.long, device=h_BTD.device)
+        carry = None
+        for step in range(self.plan.num_steps):
+            ctx = RouteContext(step, self.plan.num_steps, capacities[step], p.training_rule, active_BT, valid_BT,
+                               first_BTD, carry, p.doc_ids_BT)
+            decision = self.router.route(h_BTD, ctx)
+            selected_BT = decision.selected_BT & active_BT
+            self.record(step, decision, selected_BT, aux, stats)
+            carry, active_BT = decision.carry, selected_BT
+            depth_BT = depth_BT + selected_BT.long()
+            sel = compact(selected_BT, decision, T)
+            if sel.size == 0:
+                break  # no token reaches this step: deeper steps are skipped, nothing is computed
+            wiring = self.wire_step(step, sel, p, h_BTD, valid_BT)
+            out_BKD = self.run_layers(self.step_layers[step], sel.gather(h_BTD), wiring, p, aux)
+            old_BKD = sel.gather(h_BTD)
+            new_BKD = self.router.combine(old_BKD, out_BKD, sel.gather(decision.gate_BT), sel.gather(first_BTD), step)
+            if sel.qvalid_BK is not None:
+                new_BKD = torch.where(sel.qvalid_BK[..., None], new_BKD, old_BKD)
+            h_BTD = sel.scatter(h_BTD, new_BKD)
+        stats.depth_BT = depth_BT
+        return h_BTD
+
+    @staticmethod
+    def record(step: int, decision: RouteDecision, selected_BT: Tensor, aux: dict, stats: RoutingStats) -> None:
+        for name, value in decision.aux_losses.items():
+            aux[name] = aux[name] + value.float()
+        for name, value in decision.metrics.items():
+            stats.metrics[f"{name}/step{step}"] = value.detach()
+        stats.selected_per_step.append(selected_BT)
+        stats.logits_per_step.append(decision.logits_BT)
+
+    # ------------------------------------------------------------------ wiring
+
+    def wire_full(self, sel: Selection, p: Pass, h_BTD: Tensor) -> StepWiring:
+        """Prelude and coda layers: every token queries, writes and reads its own layer's slot."""
+        wiring = StepWiring(sel, "all", (), use_store=p.store is not None, cos=p.cos_BT, sin=p.sin_BT, dense_hidden=h_BTD)
+        if not wiring.use_store:
+            wiring.compact_allowed = self.compact_mask(sel, p, p.valid_BT)
+        return wiring
+
+    def wire_step(self, step: int, sel: Selection, p: Pass, h_BTD: Tensor, valid_BT: Tensor) -> StepWiring:
+        writes, reads = self.kv_policy.writes(step), self.kv_policy.reads(step)
+        self_contained = reads == (step,) and (writes == "selected" or (writes == "all" and sel.idx_BK is None))
+        use_store = p.store is not None or not self_contained
+        wiring = StepWiring(sel, writes, reads, use_store, sel.gather(p.cos_BT.squeeze(1)).unsqueeze(1),
+                            sel.gather(p.sin_BT.squeeze(1)).unsqueeze(1), dense_hidden=h_BTD)
+        if not use_store:
+            wiring.compact_allowed = self.compact_mask(sel, p, p.valid_BT)
+        return wiring
+
+    @staticmethod
+    def compact_mask(sel: Selection, p: Pass, valid_BT: Tensor | None) -> Tensor | None:
+        """Mask for attention among the gathered tokens (causal in column order); None = plain causal."""
+        if sel.qvalid_BK is None and valid_BT is None and p.doc_ids_BT is None:
+            return None
+        K = sel.size
+        device = p.position_ids_BT.device
+        allowed_BKK = torch.ones(K, K, dtype=torch.bool, device=device).tril()[None]
+        key_ok_BK = torch.ones(1, K, dtype=torch.bool, device=device)
+        if valid_BT is not None:
+            key_ok_BK = key_ok_BK & sel.gather(valid_BT)
+        if sel.qvalid_BK is not None:
+            key_ok_BK = key_ok_BK & sel.qvalid_BK
+        allowed_BKK = allowed_BKK & key_ok_BK[:, None, :]
+        if p.doc_ids_BT is not None:
+            doc_BK = sel.gather(p.doc_ids_BT)
+            allowed_BKK = allowed_BKK & (doc_BK[:, :, None] == doc_BK[:, None, :])
+        return ensure_nonempty(allowed_BKK, torch.eye(K, dtype=torch.bool, device=device)[None])
+
+    # ------------------------------------------------------------------ layers
+
+    def run_layers(self, logical: list[int], x_BKD: Tensor, w: StepWiring, p: Pass, aux: dict) -> Tensor:
+        for layer in logical:
+            x_BKD = self.run_layer(layer, x_BKD, w, p, aux)
+        return x_BKD
+
+    def run_layer(self, logical: int, x_BKD: Tensor, w: StepWiring, p: Pass, aux: dict) -> Tensor:
+        weights: Layer = self.layers[self.physical_of[logical]]
+        norms: Norms = self.norms[self.norm_index[logical]]
+        normed_BKD = norms.attn_norm(x_BKD)
+        q_BHKE = weights.attn.queries(normed_BKD, w.cos, w.sin)
+        if w.use_store:
+            attn_BHKE = self.attend_store(logical, weights, norms, x_BKD, normed_BKD, q_BHKE, w, p)
+        else:
+            k_BGKE, v_BGKE = weights.attn.keys_values(normed_BKD, w.cos, w.sin)
+            causal = w.compact_allowed is None
+            attn_BHKE = self.backend.attend(q_BHKE, k_BGKE, v_BGKE, allowed_BQS=w.compact_allowed, causal=causal)
+        x_BKD = x_BKD + weights.attn.output(attn_BHKE)
+        B, K, D = x_BKD.shape
+        ffn = weights.ffn(norms.ffn_norm(x_BKD).reshape(B * K, D))
+        for name, value in ffn.aux_losses.items():
+            aux[name] = aux[name] + value.float()
+        return x_BKD + ffn.out_BTD.reshape(B, K, D)
+
+    def attend_store(self, logical: int, weights: Layer, norms: Norms, x_BKD: Tensor, normed_BKD: Tensor,
+                     q_BHKE: Tensor, w: StepWiring, p: Pass) -> Tensor:
+        store = p.store
+        assert store is not None
+        sel = w.sel
+        T = p.length
+        cols_BT = p.offset + torch.arange(T, device=x_BKD.device).expand(x_BKD.shape[0], T)
+        cols_BK = sel.gather(cols_BT)
+        if w.writes == "selected":
+            k_BGKE, v_BGKE = weights.attn.keys_values(normed_BKD, w.cos, w.sin)
+            mask_BK = _and(sel.qvalid_BK, None if p.valid_BT is None else sel.gather(p.valid_BT))
+            store.write(logical, cols_BK, k_BGKE, v_BGKE, mask_BK)
+        elif w.writes == "all":
+            dense_BTD = sel.scatter(w.dense_hidden, x_BKD)
+            k_BGTE, v_BGTE = weights.attn.keys_values(norms.attn_norm(dense_BTD), p.cos_BT, p.sin_BT)
+            store.write(logical, cols_BT, k_BGTE, v_BGTE, p.valid_BT)
+        k_BGSE, v_BGSE, written_BS = store.read(self.read_slots(logical, w.reads), p.offset + T)
+        S = k_BGSE.shape[2]
+        col_S = torch.arange(S, device=x_BKD.device)
+        allowed_BKS = written_BS[:, None, :] & (col_S[None, None, :] <= cols_BK[:, :, None])
+        if store.doc_ids_BS is not None:
+            allowed_BKS = allowed_BKS & (store.doc_ids_BS[:, None, :S] == sel.gather(p.doc_ids_BT)[:, :, None])
+        allowed_BKS = ensure_nonempty(allowed_BKS, col_S[None, None, :] == cols_BK[:, :, None])
+        return self.backend.attend(q_BHKE, k_BGSE, v_BGSE, allowed_BQS=allowed_BKS, causal=False)
+
+    def read_slots(self, logical: int, reads: tuple[int, ...]) -> tuple[int, ...]:
+        """The logical layers whose slots a layer reads: itself outside the recursion block, else the
+        same position within each step named by the KV policy."""
+        for step, layers in enumerate(self.step_layers):
+            if logical in layers:
+                j = layers.index(logical)
+                return tuple(self.step_layers[s][j] for s in reads)
+        return (logical,)
+
+
+def ensure_nonempty(allowed_BQS: Tensor, fallback_BQS: Tensor) -> Tensor:
+    """Give each query row with no allowed key its fallback entry (its own column), so attention never
+    produces NaN; such rows belong to padding and their outputs are discarded."""
+    lonely_BQ1 = ~allowed_BQS.any(-1, keepdim=True)
+    return allowed_BQS | (lonely_BQ1 & fallback_BQS)
+
+
+def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def rotary_tables(rotary: Rotary, position_ids_BT: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return rotary.cos_sin(position_ids_BT, dtype)
