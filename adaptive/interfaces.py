@@ -39,6 +39,13 @@ class Component:
     def from_config(cls, config: ComponentConfig, **context: Any) -> "Component":
         return cls(config, **context)  # type: ignore[call-arg]
 
+    @classmethod
+    def incompatible_with(cls, parts: dict[str, type["Component"]]) -> str | None:
+        """Why this component cannot serve beside ``parts`` (model recipe key, e.g. ``"router"``, -> the
+        class chosen there), or None when it can. The registry-wide property tests skip, with this reason,
+        every combination a component declares incompatible."""
+        return None
+
 
 # ----------------------------------------------------------------------------------------------------
 # Sharing schemes

@@ -122,25 +122,28 @@ class PluginHost:
         return register
 
     def fail(self, name: str, message: str, exc: BaseException | None = None) -> None:
-        """Record that an already registered plugin failed later (e.g. in ``register_commands``)."""
+        """Record that a loaded plugin failed later (e.g. in ``register_commands``): warn, or raise if strict."""
         info = self.plugins.setdefault(name, PluginInfo(name))
-        self._fail(info, message, exc)
+        self._fail(info, message, exc, outcome="failed")
 
-    def _fail(self, info: PluginInfo, message: str, exc: BaseException | None = None, record: bool = True) -> None:
+    def _fail(self, info: PluginInfo, message: str, exc: BaseException | None = None, record: bool = True,
+              outcome: str = "was not loaded") -> None:
         if record:
             info.error = message
             self.plugins[info.name] = info
         if self.strict:
             raise PluginError(f"plugin {info.name!r}: {message} (ADAPTIVE_STRICT_PLUGINS is set)") from exc
-        warnings.warn(f"plugin {info.name!r} was not loaded: {message}", PluginWarning, stacklevel=3)
+        warnings.warn(f"plugin {info.name!r} {outcome}: {message}", PluginWarning, stacklevel=3)
 
 
 def _distribution_name(ep: metadata.EntryPoint) -> str | None:
     return ep.dist.name if getattr(ep, "dist", None) else None
 
 
-def _load_order(ep: metadata.EntryPoint) -> tuple[bool, str]:
-    return (_distribution_name(ep) != BUILTIN_DISTRIBUTION, ep.name)
+def _load_order(ep: metadata.EntryPoint) -> tuple[bool, str, str]:
+    """Built-in plugins first, then by entry point name, then by distribution (deterministic on any disk)."""
+    dist = _distribution_name(ep) or ""
+    return (dist != BUILTIN_DISTRIBUTION, ep.name, dist)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -42,6 +42,8 @@ class Registry:
             raise PluginError(f"plugin {plugin!r}: {cls.__name__}.name must be a lowercase identifier, got {name!r}")
         if not (isinstance(cls.Config, type) and issubclass(cls.Config, ComponentConfig)):
             raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Config must subclass adaptive.ComponentConfig")
+        if cls.Config.model_config.get("extra") != "forbid":
+            raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Config must forbid unknown keys (extra='forbid')")
         existing = self._by_kind[kind].get(name)
         if existing is not None and existing.cls is not cls:
             raise PluginError(
@@ -100,16 +102,29 @@ def format_validation_error(prefix: str, err: ValidationError, model: type[BaseM
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
-        path = ".".join([prefix, *loc] if prefix else loc)
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            valid = _fields_at(model, loc[:-1])
-            msg = f"unknown key (valid keys: {', '.join(valid)})" if valid else "unknown key"
-            close = difflib.get_close_matches(loc[-1], valid, n=1) if valid else []
-            if close:
-                msg += f"; did you mean {close[0]!r}?"
-        lines.append(f"{path}: {msg}")
+        path = ".".join([prefix, *loc] if prefix else loc) or "recipe"
+        lines.append(f"{path}: {_describe(e, model, loc)}")
     return lines
+
+
+def _describe(e: dict, model: type[BaseModel] | None, loc: list[str]) -> str:
+    kind, value = e["type"], e.get("input")
+    if kind == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown key{hint} (valid keys: {', '.join(valid)})" if valid else "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "model_type" and e.get("ctx", {}).get("class_name") == "ComponentSpec":
+        return f"expected a mapping {{name: <registered name>, <options>}} (got {value!r})"
+    if kind in ("model_type", "dict_type"):
+        return f"expected a mapping (got {value!r})"
+    msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = msg.replace("Input should be", "must be", 1)
+    if kind != "value_error" and not isinstance(value, (dict, list)):
+        msg += f" (got {value!r})"
+    return msg
 
 
 def _fields_at(model: type[BaseModel] | None, loc: list[str]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adaptive.registry import ComponentSpec
 
@@ -30,16 +30,16 @@ class ModelConfig(BaseModel):
 
     preset: str | None = Field(default=None, description=f"one of {', '.join(PRESETS)}")
     num_layers: int | None = Field(default=None, gt=0, description="logical layers, unrolled depth")
-    d_model: int | None = Field(default=None, gt=0)
-    num_heads: int | None = Field(default=None, gt=0)
-    num_kv_heads: int | None = Field(default=None, gt=0)
-    d_ffn: int | None = Field(default=None, gt=0)
-    vocab_size: int | None = Field(default=None, gt=0)
-    max_seq_len: int | None = Field(default=None, gt=0)
-    rope_theta: float = Field(default=10000.0, gt=0)
-    norm_eps: float = Field(default=1e-5, gt=0)
-    init_std: float = Field(default=0.02, gt=0)
-    tie_embeddings: bool = True
+    d_model: int | None = Field(default=None, gt=0, description="hidden width")
+    num_heads: int | None = Field(default=None, gt=0, description="query heads; must divide d_model")
+    num_kv_heads: int | None = Field(default=None, gt=0, description="key/value heads (GQA); must divide num_heads")
+    d_ffn: int | None = Field(default=None, gt=0, description="inner width of the feed-forward block")
+    vocab_size: int | None = Field(default=None, gt=0, description="vocabulary; training uses the tokenizer's and warns if it differs")
+    max_seq_len: int | None = Field(default=None, gt=0, description="longest context (default KV-cache length)")
+    rope_theta: float = Field(default=10000.0, gt=0, description="RoPE base")
+    norm_eps: float = Field(default=1e-5, gt=0, description="RMSNorm epsilon")
+    init_std: float = Field(default=0.02, gt=0, description="std of the normal init of every linear and embedding")
+    tie_embeddings: bool = Field(default=True, description="LM head shares the embedding matrix")
     num_recursions: int = Field(default=1, ge=1, description="N_r, recursion steps of the shared block")
     per_step_norms: bool = Field(default=False, description="each recursion step gets its own RMSNorm weights")
     sharing: ComponentSpec = ComponentSpec(name="none")
@@ -54,10 +54,17 @@ class ModelConfig(BaseModel):
     def _fill_preset(cls, data: Any) -> Any:
         if not isinstance(data, dict) or data.get("preset") is None:
             return data
+        if data["preset"] not in PRESETS:
+            return data  # reported on the preset key by _known_preset
         preset = data["preset"]
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r} (valid: {', '.join(PRESETS)})")
         return {**PRESETS[preset], **{k: v for k, v in data.items() if v is not None}}
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str | None) -> str | None:
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r} (valid: {', '.join(PRESETS)})")
+        return preset
 
     @model_validator(mode="after")
     def _check_shape(self) -> "ModelConfig":

@@ -156,8 +156,9 @@ class RecursionEngine(nn.Module):
             carry, active_BT = decision.carry, selected_BT
             depth_BT = depth_BT + selected_BT.long()
             sel = compact(selected_BT, decision, T)
-            if sel.size == 0:
-                break  # no token reaches this step: deeper steps are skipped, nothing is computed
+            if sel.size == 0:  # no token reaches this step: deeper steps are skipped, nothing is computed
+                self.write_frozen(step, h_BTD, p)  # but the keys/values a cache is owed
+                break
             wiring = self.wire_step(step, sel, p, h_BTD, valid_BT)
             out_BKD = self.run_layers(self.step_layers[step], sel.gather(h_BTD), wiring, p, aux)
             old_BKD = sel.gather(h_BTD)
@@ -167,6 +168,23 @@ class RecursionEngine(nn.Module):
             h_BTD = sel.scatter(h_BTD, new_BKD)
         stats.depth_BT = depth_BT
         return h_BTD
+
+    def write_frozen(self, first_step: int, h_BTD: Tensor, p: Pass) -> None:
+        """Steps from ``first_step`` on, which no token of this pass reaches, still owe a persistent cache
+        the entries their policy writes for every token (``writes="all"``: exited tokens from their frozen
+        state); without them a later decode token would not see these columns, unlike the full forward."""
+        if p.store is None or not p.store.persistent:
+            return  # within one forward nothing reads a step that no token reaches
+        T = p.length
+        cols_BT = p.offset + torch.arange(T, device=h_BTD.device).expand(h_BTD.shape[0], T)
+        for step in range(first_step, self.plan.num_steps):
+            if self.kv_policy.writes(step) != "all":
+                continue
+            for logical in self.step_layers[step]:
+                weights: Layer = self.layers[self.physical_of[logical]]
+                norms: Norms = self.norms[self.norm_index[logical]]
+                k_BGTE, v_BGTE = weights.attn.keys_values(norms.attn_norm(h_BTD), p.cos_BT, p.sin_BT)
+                p.store.write(logical, cols_BT, k_BGTE, v_BGTE, p.valid_BT)
 
     @staticmethod
     def record(step: int, decision: RouteDecision, selected_BT: Tensor, aux: dict, stats: RoutingStats) -> None:
@@ -181,7 +199,8 @@ class RecursionEngine(nn.Module):
 
     def wire_full(self, sel: Selection, p: Pass, h_BTD: Tensor) -> StepWiring:
         """Prelude and coda layers: every token queries, writes and reads its own layer's slot."""
-        wiring = StepWiring(sel, "all", (), use_store=p.store is not None, cos=p.cos_BT, sin=p.sin_BT, dense_hidden=h_BTD)
+        persistent = p.store is not None and p.store.persistent
+        wiring = StepWiring(sel, "all", (), use_store=persistent, cos=p.cos_BT, sin=p.sin_BT, dense_hidden=h_BTD)
         if not wiring.use_store:
             wiring.compact_allowed = self.compact_mask(sel, p, p.valid_BT)
         return wiring
@@ -189,7 +208,9 @@ class RecursionEngine(nn.Module):
     def wire_step(self, step: int, sel: Selection, p: Pass, h_BTD: Tensor, valid_BT: Tensor) -> StepWiring:
         writes, reads = self.kv_policy.writes(step), self.kv_policy.reads(step)
         self_contained = reads == (step,) and (writes == "selected" or (writes == "all" and sel.idx_BK is None))
-        use_store = p.store is not None or not self_contained
+        read_later = any(step in self.kv_policy.reads(s) for s in range(step + 1, self.plan.num_steps))
+        persistent = p.store is not None and p.store.persistent
+        use_store = persistent or not self_contained or read_later
         wiring = StepWiring(sel, writes, reads, use_store, sel.gather(p.cos_BT.squeeze(1)).unsqueeze(1),
                             sel.gather(p.sin_BT.squeeze(1)).unsqueeze(1), dense_hidden=h_BTD)
         if not use_store:
@@ -253,6 +274,8 @@ class RecursionEngine(nn.Module):
             mask_BK = _and(sel.qvalid_BK, None if p.valid_BT is None else sel.gather(p.valid_BT))
             store.write(logical, cols_BK, k_BGKE, v_BGKE, mask_BK)
         elif w.writes == "all":
+            if sel.qvalid_BK is not None:  # surplus gathered slots hold tokens that did not run: keep them frozen
+                x_BKD = torch.where(sel.qvalid_BK[..., None], x_BKD, sel.gather(w.dense_hidden))
             dense_BTD = sel.scatter(w.dense_hidden, x_BKD)
             k_BGTE, v_BGTE = weights.attn.keys_values(norms.attn_norm(dense_BTD), p.cos_BT, p.sin_BT)
             store.write(logical, cols_BT, k_BGTE, v_BGTE, p.valid_BT)

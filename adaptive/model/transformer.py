@@ -95,10 +95,9 @@ class AdaptiveLM(nn.Module):
         return ModelOutput(logits, aux, stats)
 
     def _ephemeral_store(self, B: int, T: int) -> KVStore | None:
-        """A per-forward store, only when some step reads another step's slot (or writes for others)."""
-        policy = self.engine.kv_policy
-        needs = any(policy.reads(r) != (r,) for r in range(self.plan.num_steps))
-        if not needs:
+        """A per-forward store for steps that cannot attend among their own tokens alone (slots are
+        allocated only when a step writes to one)."""
+        if not self.plan.steps:
             return None
         return KVStore(B, T, self.config.num_kv_heads, self.config.head_dim, persistent=False)
 
@@ -109,11 +108,16 @@ class AdaptiveLM(nn.Module):
         self.engine.router.after_optimizer_step(stats)
 
     def num_params(self, unique: bool = True) -> int:
-        """Parameter count; shared tensors are counted once (``unique``) or once per logical use."""
+        """Parameter count; shared tensors are counted once (``unique``) or once per logical use: the sum over
+        logical layers of their physical layer's and norms' parameters, plus everything else once."""
+        total = sum(p.numel() for p in self.parameters())
         if unique:
-            return sum(p.numel() for p in self.parameters())
-        per_layer = sum(p.numel() for p in self.engine.layers[0].parameters())
-        return sum(p.numel() for p in self.parameters()) + per_layer * (self.plan.num_logical - self.plan.num_physical)
+            return total
+        engine = self.engine
+        size = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        per_logical = sum(size(engine.layers[phys]) + size(engine.norms[engine.norm_index[l]])
+                          for l, phys in enumerate(engine.physical_of))
+        return total - size(engine.layers) - size(engine.norms) + per_logical
 
     def loss(self, out: ModelOutput, targets_BT: Tensor, mask_BT: Tensor | None = None) -> Tensor:
         """Next-token cross-entropy (targets already shifted), masked, plus the auxiliary losses."""

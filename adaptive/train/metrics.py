@@ -1,0 +1,153 @@
+"""Training metrics: on-device accumulation between log steps, metrics.jsonl, TensorBoard, progress bar.
+
+Values are accumulated as tensors on the training device and read back once per flush (one host sync
+per log interval, not per step). ``metrics.jsonl`` gets one JSON object per line: ``{"step": ..,
+"loss": .., "lr": .., ...}`` for training intervals, ``{"step": .., "val_loss": ..}`` for evaluations,
+and ``{"event": ..}`` records (start, data, resume, end).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from adaptive.interfaces import RoutingStats
+
+Tensor = torch.Tensor
+
+
+class StepAccumulator:
+    """Sums per-step values on device; ``flush`` turns them into floats with one sync."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[Tensor] = []  # one cross-entropy per optimizer step (mean over micro-batches)
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.depth_hist: Tensor | None = None
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add_loss(self, ce: Tensor) -> None:
+        self.losses.append(ce.detach().float())
+
+    def add(self, name: str, value: Tensor) -> None:
+        value = value.detach().float()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def add_stats(self, stats: RoutingStats) -> None:
+        if stats.depth_BT is not None:
+            depth = stats.depth_BT.detach().reshape(-1)
+            steps = len(stats.selected_per_step)
+            hist = torch.bincount(depth.clamp(max=steps), minlength=steps + 1).float()
+            self.depth_hist = hist if self.depth_hist is None or len(self.depth_hist) != len(hist) else self.depth_hist + hist
+        for name, value in stats.metrics.items():
+            self.add(name, value)
+
+
+def routing_summary(hist: list[float]) -> dict[str, Any]:
+    total = sum(hist) or 1.0
+    frac = [h / total for h in hist]
+    return {"mean_depth": sum(i * f for i, f in enumerate(frac)), "depth_hist": [round(f, 4) for f in frac]}
+
+
+def is_finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+class MetricsWriter:
+    """metrics.jsonl (and TensorBoard events when available) on the main process; nothing elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                self.tb = None  # the optional `tensorboard` extra is not installed
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint a run resumes from)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class ProgressView:
+    """A rich progress bar on a terminal, a plain line per log step otherwise (``bar=False``: neither);
+    notes (run dir, resume, end) are printed whenever ``enabled`` (the main process)."""
+
+    def __init__(self, total: int, start: int, enabled: bool, console: Console, bar: bool = True):
+        self.console = console
+        self.enabled = enabled
+        self.lines = enabled and bar
+        self.bar = None
+        if self.lines and console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn(), console=console, transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def update(self, record: dict[str, Any], total: int) -> None:
+        info = describe(record)
+        if self.bar is not None:
+            self.bar.update(self.task, info=info)
+        elif self.lines:
+            self.console.print(f"step {record['step']}/{total}  {info}", highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def describe(record: dict[str, Any]) -> str:
+    parts = []
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    if "tok_per_s" in record:
+        parts.append(f"{record['tok_per_s']:,.0f} tok/s")
+    for prefix in ("", "val_"):
+        if f"{prefix}mean_depth" in record:
+            hist = " ".join(f"{i}:{100 * f:.0f}%" for i, f in enumerate(record[f"{prefix}depth_hist"]))
+            parts.append(f"depth {record[f'{prefix}mean_depth']:.2f} [{hist}]")
+    return "  ".join(parts)

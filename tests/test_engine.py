@@ -1,0 +1,282 @@
+"""The recursion engine and its KV store: cached decoding (token by token and in chunks) equals the full
+forward, padding and packing are invisible, and KV policies that read another step's slot work.
+
+Everything runs in float64 on CPU, so "equal" means equal to 1e-10.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaptive import ComponentConfig, KVPolicy, RouteDecision, Router, hookimpl
+from adaptive.model import ModelConfig, build_model
+from adaptive.plugins import get_registry, register_plugin, unregister_plugin
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models: one thread is several times faster than two contended ones (pytest -n 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+V = 67
+TOL = dict(atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- in-test parts
+
+
+class ThresholdRouter(Router):
+    """Test router: a token continues iff its first hidden feature is positive (a per-token, causal rule
+    with data-dependent counts, so gathers, partial selections and skipped steps are exercised)."""
+
+    name = "test_threshold"
+    Config = ComponentConfig
+
+    def route(self, hidden_BTD, ctx):
+        return RouteDecision(selected_BT=hidden_BTD[..., 0] > 0, gate_BT=torch.sigmoid(hidden_BTD[..., 1]))
+
+
+class ShareFirst(KVPolicy):
+    """Test policy: every token writes at step 0; later steps write nothing and read step 0."""
+
+    name = "test_share_first"
+    Config = ComponentConfig
+
+    def writes(self, step):
+        return "all" if step == 0 else "none"
+
+    def reads(self, step):
+        return (0,)
+
+
+class HybridFirst(KVPolicy):
+    """Test policy: step 0 writes all; later steps write their selected tokens and read (own, step 0)."""
+
+    name = "test_hybrid_first"
+    Config = ComponentConfig
+
+    def writes(self, step):
+        return "all" if step == 0 else "selected"
+
+    def reads(self, step):
+        return (step,) if step == 0 else (step, 0)
+
+
+class SelectedOnly(KVPolicy):
+    """Test policy: recursion-wise caching (selected tokens write, each step reads its own slot)."""
+
+    name = "test_selected"
+    Config = ComponentConfig
+
+    def writes(self, step):
+        return "selected"
+
+    def reads(self, step):
+        return (step,)
+
+
+@pytest.fixture(autouse=True)
+def test_parts():
+    """Register the in-test parts (per test: the shared conftest gives every test a fresh plugin host)."""
+    plugin = types.ModuleType("engine_test_parts")
+
+    @hookimpl
+    def register_routers(register):
+        register(ThresholdRouter)
+
+    @hookimpl
+    def register_kv_policies(register):
+        for cls in (ShareFirst, HybridFirst, SelectedOnly):
+            register(cls)
+
+    plugin.register_routers = register_routers
+    plugin.register_kv_policies = register_kv_policies
+    info = register_plugin(plugin, "engine_test_parts")
+    assert info.error is None, info.error
+    yield
+    unregister_plugin("engine_test_parts")
+
+
+def make(sharing="none", L=4, num_recursions=1, router="all", kv="full", seed=0):
+    cfg = ModelConfig(num_layers=L, d_model=32, num_heads=4, num_kv_heads=2, d_ffn=48, vocab_size=V, max_seq_len=32,
+                      num_recursions=num_recursions, sharing={"name": sharing}, router={"name": router},
+                      kv_policy={"name": kv})
+    torch.manual_seed(seed)
+    model = build_model(cfg, get_registry()).double().eval()
+    with torch.no_grad():  # spread the hidden states so the threshold router keeps about half the tokens
+        model.embed.weight.normal_(0, 1.0)
+    return model
+
+
+BASELINES = {
+    "vanilla": dict(),
+    "recursive_cycle": dict(sharing="cycle", L=6, num_recursions=3),
+    "recursive_middle_cycle": dict(sharing="middle_cycle", L=6, num_recursions=2),
+}
+ROUTED = {
+    f"{router}/{kv}": dict(sharing="middle_cycle", L=5, num_recursions=3, router=router, kv=kv)
+    for router in ("all", "test_threshold")
+    for kv in ("full", "test_share_first", "test_hybrid_first", "test_selected")
+}
+ALL = {**BASELINES, **ROUTED}
+
+
+def tokens(B, T, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def chunked(model, x_BT, sizes, **kwargs):
+    """Logits of ``x_BT`` fed through a cache in chunks of the given sizes."""
+    cache = model.new_cache(x_BT.shape[0], x_BT.shape[1])
+    outs, start = [], 0
+    for size in sizes:
+        sl = slice(start, start + size)
+        extra = {k: v[:, sl] for k, v in kwargs.items()}
+        outs.append(model(x_BT[:, sl], cache=cache, **extra).logits_BTV)
+        start += size
+    assert cache.length == x_BT.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- cache consistency
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_prefill_then_token_by_token_equals_full_forward(name):
+    model = make(**ALL[name])
+    x = tokens(2, 10)
+    full = model(x).logits_BTV
+    torch.testing.assert_close(chunked(model, x, [4] + [1] * 6), full, **TOL)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "recursive_middle_cycle", "test_threshold/full",
+                                  "test_threshold/test_hybrid_first", "test_threshold/test_selected"])
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_chunked_prefill_with_random_chunks_equals_full_forward(name, data):
+    model = make(**ALL[name])
+    T = data.draw(st.integers(2, 12), label="T")
+    sizes = []
+    while sum(sizes) < T:
+        sizes.append(data.draw(st.integers(1, T - sum(sizes)), label="chunk"))
+    x = tokens(2, T, seed=data.draw(st.integers(0, 99), label="seed"))
+    torch.testing.assert_close(chunked(model, x, sizes), model(x).logits_BTV, **TOL)
+
+
+def test_routed_models_really_route():
+    """The routed combinations above are only meaningful if some tokens stop early and some go deep."""
+    model = make(**ROUTED["test_threshold/full"])
+    depth = model(tokens(2, 10)).stats.depth_BT
+    assert depth.min() < 3 and depth.max() >= 2
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = make()
+    cache = model.new_cache(1, 4)
+    model(tokens(1, 3), cache=cache)
+    with pytest.raises(ValueError, match="cache holds 4 columns; 3 used and 2 more requested"):
+        model(tokens(1, 2), cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------- padding
+
+
+def left_padded(seqs):
+    T = max(len(s) for s in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        x[i, T - len(s):] = s
+        valid[i, T - len(s):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    return x, valid, positions
+
+
+@pytest.mark.parametrize("name", ["vanilla", "recursive_cycle", "test_threshold/full", "test_threshold/test_share_first",
+                                  "all/test_selected"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_left_padding_is_invisible(name, cached):
+    model = make(**ALL[name])
+    seqs = [tokens(1, 9, seed=1)[0], tokens(1, 4, seed=2)[0], tokens(1, 1, seed=3)[0]]
+    x, valid, positions = left_padded(seqs)
+    if cached:
+        logits = chunked(model, x, [5, 1, 3], valid_BT=valid, position_ids_BT=positions)
+    else:
+        logits = model(x, valid_BT=valid, position_ids_BT=positions).logits_BTV
+    assert torch.isfinite(logits).all()
+    for i, s in enumerate(seqs):
+        alone = model(s[None]).logits_BTV[0]
+        torch.testing.assert_close(logits[i, x.shape[1] - len(s):], alone, **TOL)
+
+
+def test_decoding_after_a_padded_prompt_matches_each_sequence_alone():
+    model = make(**BASELINES["recursive_middle_cycle"])
+    seqs = [tokens(1, 6, seed=4)[0], tokens(1, 3, seed=5)[0]]
+    x, valid, positions = left_padded(seqs)
+    cache = model.new_cache(2, 10)
+    model(x, valid_BT=valid, position_ids_BT=positions, cache=cache)
+    nxt = tokens(2, 2, seed=6)
+    pos = positions[:, -1:] + 1
+    step_logits = []
+    for j in range(2):
+        step_logits.append(model(nxt[:, j:j + 1], position_ids_BT=pos + j, cache=cache).logits_BTV[:, 0])
+    for i, s in enumerate(seqs):
+        alone = model(torch.cat([s, nxt[i]])[None]).logits_BTV[0, -2:]
+        torch.testing.assert_close(torch.stack([step_logits[0][i], step_logits[1][i]]), alone, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("name", ["vanilla", "recursive_cycle", "test_threshold/full", "test_threshold/test_hybrid_first",
+                                  "test_threshold/test_selected"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_packed_documents_do_not_see_each_other(name, cached):
+    model = make(**ALL[name])
+    docs = [tokens(1, 5, seed=7)[0], tokens(1, 6, seed=8)[0], tokens(1, 2, seed=9)[0]]
+    x = torch.cat(docs)[None]
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    if cached:
+        logits = chunked(model, x, [3, 4, 1, 5], doc_ids_BT=doc_ids, position_ids_BT=positions)
+    else:
+        logits = model(x, doc_ids_BT=doc_ids, position_ids_BT=positions).logits_BTV
+    start = 0
+    for d in docs:
+        torch.testing.assert_close(logits[0, start:start + len(d)], model(d[None]).logits_BTV[0], **TOL)
+        start += len(d)
+
+
+# ---------------------------------------------------------------------------------------------- store path
+
+
+def test_store_path_in_training_mode_has_gradients_through_the_shared_slot():
+    """With a policy that reads step 0, the per-forward store keeps autograd: the loss depends on the
+    step-0 keys through later steps, and cached inference still matches."""
+    model = make(**ROUTED["all/test_share_first"]).train()
+    x = tokens(2, 8)
+    out = model(x)
+    out.logits_BTV.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    torch.testing.assert_close(chunked(model, x, [3, 1, 4]), model(x).logits_BTV, **TOL)
+
+
+def test_store_path_differs_from_own_step_attention():
+    """Reading step 0's keys is not the same computation as each step attending to itself (the test
+    above would pass vacuously if the policy were ignored)."""
+    shared = make(**ROUTED["all/test_share_first"])
+    own = make(**ROUTED["all/full"])
+    own.load_state_dict(shared.state_dict())
+    x = tokens(1, 8)
+    assert not torch.allclose(shared(x).logits_BTV, own(x).logits_BTV, atol=1e-6)

@@ -1,0 +1,256 @@
+"""The trainer: schedules, stopping rules, run directories, checkpoints, signals, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive import recipe as recipes
+from adaptive.errors import AdaptiveError, CheckpointError, RecipeError
+from adaptive.plugins import get_registry
+from adaptive.train import checkpoint as ckpt
+from adaptive.train.config import TrainConfig
+from adaptive.train.loop import Trainer, train
+from adaptive.train.schedule import lr_factor
+
+BASE = """\
+name: tiny-test
+seed: 1
+model: {preset: micro, num_recursions: 3, sharing: {name: middle_cycle}}
+data: {source: {name: pydoc_topics}, seq_len: 32}
+tokenizer: {vocab_size: 300}
+train: {steps: 12, batch_size: 4, log_every: 1, eval_every: 6, eval_batches: 2, checkpoint_every: 4, progress_bar: false}
+"""
+
+
+@pytest.fixture
+def make(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(BASE)
+
+    def build(*overrides: str, out: str = "run"):
+        return recipes.load(path, [f"train.out_dir={tmp_path / out}", *overrides], get_registry())
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: pytest-xdist runs two workers on two cores (oversubscription is ~7x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine", "constant"])
+def test_schedules_warm_up_then_follow_their_shape(schedule):
+    cfg = TrainConfig(schedule=schedule, warmup_fraction=0.1, decay_fraction=0.2, min_lr_ratio=0.1)
+    f = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:10]))
+    assert all(0.1 <= x <= 1.0 for x in f)
+    if schedule == "wsd":
+        assert f[10:80] == [1.0] * 70
+        assert all(a > b for a, b in zip(f[80:], f[81:])) and f[-1] > 0.1
+    elif schedule == "cosine":
+        assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.15
+    else:
+        assert f[10:] == [1.0] * 90
+
+
+# ---------------------------------------------------------------------------------------------- a run
+
+
+def test_a_short_run_learns_and_leaves_a_complete_run_dir(make, tmp_path):
+    recipe = make("train.steps=30", "train.checkpoint_every=10", "train.eval_every=30")
+    result = train(recipe, get_registry())
+    run = tmp_path / "run"
+    assert result.run_dir == run and result.step == 30
+    saved = recipes.load(run / "recipe.yaml", [], get_registry())
+    assert saved.model_dump() == recipe.model_dump()
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 31))
+    assert sum(list(curve.values())[-5:]) / 5 < curve[1] - 0.5
+    events = {r["event"]: r for r in records(run) if "event" in r}
+    assert events["data"]["val_unigram_entropy"] == pytest.approx(result.unigram_entropy)
+    assert events["end"]["val_loss"] == pytest.approx(result.val_loss)
+    step_record = records(run)[2]
+    assert {"loss", "lr", "tok_per_s", "tokens", "grad_norm", "mean_depth", "depth_hist"} <= set(step_record)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [20, 30]  # keep_checkpoints=2
+
+
+def test_checkpoint_weights_reproduce_the_model(make, tmp_path):
+    recipe = make("train.steps=4")
+    train(recipe, get_registry())
+    weights, state, meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert meta["step"] == 4 and state["step"] == 4 and state["position"] == 4 * 4
+    assert all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
+    from adaptive.model import build_model
+
+    model = build_model(recipe.model, get_registry(), vocab_size=300)
+    model.load_state_dict(weights)
+    if getattr(model.config, "tie_embeddings", False):
+        assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+
+
+def test_stop_by_tokens(make, tmp_path):
+    result = train(make("train.steps=null", "train.tokens=500"), get_registry())
+    assert result.step == 4  # ceil(500 / (4 sequences x 32 tokens))
+
+
+def test_no_stopping_rule_is_a_recipe_error(make):
+    with pytest.raises(RecipeError, match="train.steps"):
+        train(make("train.steps=null"), get_registry())
+
+
+def test_batch_must_divide_over_accumulation(make):
+    with pytest.raises(RecipeError, match="train.batch_size"):
+        train(make("train.grad_accum=3"), get_registry())
+
+
+def test_grad_accumulation_matches_the_full_batch(make, tmp_path):
+    train(make("train.steps=3", out="full"), get_registry())
+    train(make("train.steps=3", "train.grad_accum=2", out="accum"), get_registry())
+    full, accum = losses(tmp_path / "full"), losses(tmp_path / "accum")
+    assert full.keys() == accum.keys()
+    for step in full:
+        assert accum[step] == pytest.approx(full[step], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_sigint_saves_and_resume_continues_bit_for_bit(make, tmp_path, monkeypatch):
+    train(make(out="reference"), get_registry())
+    original = Trainer.train_step
+
+    def interrupt_at_7(self):
+        original(self)
+        if self.step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_7)
+    result = train(make(out="run"), get_registry())
+    assert result.interrupted and result.step == 7
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000007"
+    monkeypatch.setattr(Trainer, "train_step", original)
+    result = train(make(out="run"), get_registry(), resume=True)
+    assert result.step == 12 and not result.interrupted
+    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
+
+
+def test_a_run_dir_with_another_recipe_is_refused(make, tmp_path):
+    train(make("train.steps=4"), get_registry())
+    with pytest.raises(CheckpointError, match="differs at: train.lr"):
+        train(make("train.steps=4", "train.lr=0.001"), get_registry())
+    with pytest.raises(CheckpointError, match="different model"):
+        train(make("train.steps=4", "model.d_model=32"), get_registry(), resume=True)
+    again = train(make("train.steps=4"), get_registry())  # the same recipe: resumes (nothing left to do)
+    assert again.step == 4
+
+
+def test_resume_without_a_checkpoint_is_an_error(make):
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(make(out="empty"), get_registry(), resume=True)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_partial_checkpoint_dirs_are_invisible_and_cleaned(tmp_path):
+    root = ckpt.checkpoint_dir(tmp_path)
+    (root / ".tmp-step-00000009-123").mkdir(parents=True)
+    state = {"w": torch.ones(2)}
+    ckpt.save_checkpoint(tmp_path, 4, state, {"step": 4}, {}, keep=3)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+    ckpt.remove_partial(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
+
+
+def test_tied_tensors_are_stored_once_and_restored_as_aliases(tmp_path):
+    shared = torch.randn(3, 4)
+    ckpt.save_checkpoint(tmp_path, 1, {"a.weight": shared, "b.weight": shared, "c": torch.zeros(2)}, {}, {}, keep=1)
+    loaded = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path))
+    assert torch.equal(loaded["a.weight"], shared) and torch.equal(loaded["b.weight"], shared)
+
+
+class Payload:
+    """A pickle that would run code when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_loading_never_executes_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, {"step": 1}, {}, keep=1)
+    torch.save({"step": 1, "evil": Payload(marker)}, path / "train_state.pt")
+    with pytest.raises(CheckpointError, match="cannot read the training state"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_incomplete_checkpoint_is_a_checkpoint_error(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, {"step": 1}, {}, keep=1)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing model.safetensors"):
+        ckpt.load_checkpoint(path)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(make, tmp_path, monkeypatch):
+    original = Trainer.forward_loss
+
+    def poisoned(self, batch, progress):
+        out, ce = original(self, batch, progress)
+        return out, ce * float("nan") if self.step >= 6 else ce
+
+    monkeypatch.setattr(Trainer, "forward_loss", poisoned)
+    with pytest.raises(AdaptiveError, match=r"loss became nan at step 7.*step-00000004"):
+        train(make("train.log_every=10", "train.eval_every=100"), get_registry())
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4]
+
+
+@pytest.mark.slow
+def test_sigterm_from_outside_saves_and_exits_cleanly(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BASE.replace("steps: 12", "steps: 400").replace("checkpoint_every: 4", "checkpoint_every: 100"))
+    out = tmp_path / "run"
+    env = {**os.environ, "ADAPTIVE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "adaptive", "train", str(recipe), f"train.out_dir={out}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and any("loss" in r for r in records(out)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout
+    end = [r for r in records(out) if r.get("event") == "end"][-1]
+    assert end["interrupted"] == "SIGTERM" and end["step"] < 400
+    assert ckpt.latest_checkpoint(out).name == f"step-{end['step']:08d}"
