@@ -77,7 +77,8 @@ def hf_config_to_model(hf: dict[str, Any], source: str = "config.json") -> Model
         problems.append(f"rope_parameters.rope_type: {rope_type!r} (only unscaled 'default' RoPE is supported)")
     theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or hf.get("rope_theta", 10000.0)
     hidden, heads = hf.get("hidden_size"), hf.get("num_attention_heads")
-    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size") if k not in hf]
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+    missing = [k for k in required if k not in hf]
     problems += [f"{k}: required key is missing" for k in missing]
     if not missing and hf.get("head_dim") not in (None, hidden // heads):
         problems.append(f"head_dim: {hf['head_dim']} differs from hidden_size/num_attention_heads={hidden // heads}")
@@ -186,6 +187,7 @@ def save_pretrained(out_dir: str | Path, model_cfg: ModelConfig, state: dict[str
             kept[key] = tensor.detach().to("cpu").contiguous()
     save_file(kept, str(out / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
     recipe = Recipe(name=name, model=model_cfg)
+    recipe.data.seq_len = min(recipe.data.seq_len, model_cfg.max_seq_len)  # a valid recipe for short contexts
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.json")
         recipe.tokenizer = TokenizerConfig(kind="file", path=str((out / "tokenizer.json").resolve()))

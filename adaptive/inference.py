@@ -1,7 +1,8 @@
 """Load a trained run (or one of its checkpoints) for evaluation and generation.
 
 A run directory holds ``recipe.yaml``, ``tokenizer.json`` and ``checkpoints/step-*/model.safetensors``;
-a checkpoint directory is one ``step-*`` folder inside it. Loading reads safetensors and YAML only: no
+a checkpoint directory is one ``step-*`` folder inside it; ``adaptive convert`` writes a folder with all
+three files side by side. Loading reads safetensors and YAML only: no
 code from the run directory is executed.
 """
 
@@ -33,8 +34,8 @@ class LoadedRun:
 def resolve(path: str | Path) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) for a run dir or a checkpoint dir."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path.parent.parent, path
+    if (path / "model.safetensors").is_file():  # a converted model keeps its recipe beside the weights
+        return (path, path) if (path / "recipe.yaml").is_file() else (path.parent.parent, path)
     if not (path / "recipe.yaml").is_file():
         raise CheckpointError(f"{path}: neither a run directory (with recipe.yaml) nor a checkpoint (with model.safetensors)")
     checkpoint = latest_checkpoint(path)

@@ -107,12 +107,16 @@ class RouteDecision:
 
     ``selected_BT``: tokens that run this step (the engine ANDs it with the tokens still active, so a
     router cannot revive a token that stopped: hierarchical filtering lives in the engine).
-    ``gate_BT``: the gate applied by ``Router.combine`` (1.0 where the router does not gate).
+    ``gate_BT``: the gate applied by ``Router.combine`` (1.0 where the router does not gate). It may carry
+    trailing channels (B, T, C) that only the router's own ``combine`` reads; the engine gathers them
+    along with the tokens.
     ``num_selected``: a per-row count the router guarantees (top-k in training). When set, the engine
     gathers exactly that many tokens per row with static shapes and no host sync.
     ``max_selected``: an upper bound on the per-row count (e.g. top-k within each packed document); the
     engine gathers that many slots per row, the surplus ones masked out, still without a host sync.
     With neither, the engine sizes the gather from the data (one host sync per step).
+    ``metrics``: scalar tensors; the engine reports them in ``RoutingStats.metrics`` as
+    ``"{name}/step{r}"`` (a stable format: ``after_optimizer_step`` may read it back).
     ``carry``: anything the router needs again at the next step of the same forward (e.g. the depth that
     token-choice assigned at step 0). It lives only for one forward; nothing is kept on the module.
     """

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaptive.plugins import reset_host
 from adaptive.testing.strategies import register_profiles
@@ -24,6 +25,16 @@ def fresh_plugin_host(monkeypatch):
     reset_host()
     yield
     reset_host()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test: pytest-xdist runs two workers on two cores, and oversubscribed
+    micro-model matmuls run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

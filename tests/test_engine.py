@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from adaptive import ComponentConfig, KVPolicy, RouteDecision, Router, hookimpl
 from adaptive.model import ModelConfig, build_model
 from adaptive.plugins import get_registry, register_plugin, unregister_plugin
+from adaptive.registry import ComponentSpec
 
 
 @pytest.fixture(autouse=True)
@@ -35,14 +36,14 @@ TOL = dict(atol=1e-10, rtol=0)
 
 
 class ThresholdRouter(Router):
-    """Test router: a token continues iff its first hidden feature is positive (a per-token, causal rule
-    with data-dependent counts, so gathers, partial selections and skipped steps are exercised)."""
+    """Test router: a token continues past step r iff its hidden feature r is positive (a per-token, causal
+    rule with data-dependent counts, so gathers, partial selections and skipped steps are exercised)."""
 
     name = "test_threshold"
     Config = ComponentConfig
 
     def route(self, hidden_BTD, ctx):
-        return RouteDecision(selected_BT=hidden_BTD[..., 0] > 0, gate_BT=torch.sigmoid(hidden_BTD[..., 1]))
+        return RouteDecision(selected_BT=hidden_BTD[..., ctx.step] > 0, gate_BT=torch.sigmoid(hidden_BTD[..., -1]))
 
 
 class ShareFirst(KVPolicy):
@@ -256,6 +257,81 @@ def test_packed_documents_do_not_see_each_other(name, cached):
         start += len(d)
 
 
+@pytest.mark.parametrize("name", ["recursive_cycle", "test_threshold/test_hybrid_first"])
+def test_decoding_after_a_packed_prompt_continues_the_last_document(name):
+    model = make(**ALL[name])
+    first, last, nxt = tokens(1, 4, seed=10)[0], tokens(1, 3, seed=11)[0], tokens(1, 2, seed=12)[0]
+    cache = model.new_cache(1, 9)
+    model(torch.cat([first, last])[None], cache=cache, doc_ids_BT=torch.tensor([[0] * 4 + [1] * 3]),
+          position_ids_BT=torch.cat([torch.arange(4), torch.arange(3)])[None])
+    got = [model(nxt[None, j:j + 1], cache=cache, position_ids_BT=torch.tensor([[3 + j]])).logits_BTV[0, 0] for j in range(2)]
+    alone = model(torch.cat([last, nxt])[None]).logits_BTV[0, -2:]
+    torch.testing.assert_close(torch.stack(got), alone, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------- semantics
+
+
+def reference_forward(model, x_BT):
+    """A dense, loop-free restatement of what the KV policies mean, for plans with one layer per step:
+    every token computes keys/values at every layer; a step's slot keeps those of the tokens its policy
+    writes; a query sees the earlier entries of the slots it reads (earlier listed slots shadow later
+    ones); only selected tokens update their state."""
+    engine, policy = model.engine, model.engine.kv_policy
+    T = x_BT.shape[1]
+    cos, sin = model.rotary.cos_sin(torch.arange(T).expand_as(x_BT), torch.float64)
+    causal_TT = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def layer(logical, h, keys_from):
+        weights, norms = engine.layers[engine.physical_of[logical]], engine.norms[engine.norm_index[logical]]
+        normed = norms.attn_norm(h)
+        q = weights.attn.queries(normed, cos, sin)
+        k, v, written = keys_from(weights.attn.keys_values(normed, cos, sin))
+        allowed = causal_TT[None] & written[:, None, :]
+        attn = reference_attention(q, k, v, allowed, causal=False)
+        h = h + weights.attn.output(attn)
+        return h + weights.ffn(norms.ffn_norm(h)).out_BTD
+
+    everyone = torch.ones_like(x_BT, dtype=torch.bool)
+    h = model.embed(x_BT)
+    for logical in engine.plan.prelude:
+        h = layer(logical, h, lambda kv: (*kv, everyone))
+    slots, active = {}, everyone
+    for r, (logical,) in enumerate(engine.step_layers):
+        selected = active & (h[..., r] > 0)
+        gate = torch.sigmoid(h[..., -1])
+
+        def keys_from(kv, r=r, selected=selected):
+            written = {"all": everyone, "selected": selected, "none": torch.zeros_like(selected)}[policy.writes(r)]
+            slots[r] = (*kv, written)
+            k, v, seen = slots[policy.reads(r)[-1]]
+            for source in reversed(policy.reads(r)[:-1]):
+                sk, sv, sw = slots[source]
+                k, v = torch.where(sw[:, None, :, None], sk, k), torch.where(sw[:, None, :, None], sv, v)
+                seen = seen | sw
+            return k, v, seen
+
+        out = layer(logical, h, keys_from)
+        h = torch.where(selected[..., None], h + gate[..., None] * (out - h), h)
+        active = selected
+    for logical in engine.coda_layers:
+        h = layer(logical, h, lambda kv: (*kv, everyone))
+    return model.lm_head(model.final_norm(h))
+
+
+@pytest.mark.parametrize("kv", ["full", "test_share_first", "test_hybrid_first", "test_selected"])
+def test_kv_policies_mean_what_they_say(kv):
+    """The engine (gathers, compact attention, the store) against the dense restatement above."""
+    model = make(**ROUTED[f"test_threshold/{kv}"])
+    assert all(len(layers) == 1 for layers in model.engine.step_layers)
+    x = tokens(2, 11, seed=13)
+    depth = model(x).stats.depth_BT
+    assert set(depth.flatten().tolist()) == {0, 1, 2, 3}, "every depth should occur for the check to bite"
+    expected = reference_forward(model, x)
+    torch.testing.assert_close(model(x).logits_BTV, expected, **TOL)
+    torch.testing.assert_close(chunked(model, x, [5, 1, 1, 4]), expected, **TOL)
+
+
 # ---------------------------------------------------------------------------------------------- store path
 
 
@@ -280,3 +356,52 @@ def test_store_path_differs_from_own_step_attention():
     own.load_state_dict(shared.state_dict())
     x = tokens(1, 8)
     assert not torch.allclose(shared(x).logits_BTV, own(x).logits_BTV, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- attention backends
+
+
+def reference_attention(q, k, v, allowed, causal):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def backend_inputs(device, dtype, Q=5, S=7):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g, dtype=dtype) for h, n in ((4, Q), (2, S), (2, S)))
+    allowed = torch.rand(2, Q, S, generator=g) < 0.6
+    allowed[..., 0] = True
+    return q.to(device), k.to(device), v.to(device), allowed.to(device)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_backend_matches_reference(causal):
+    backend = get_registry().build("attention_backend", ComponentSpec(name="sdpa"))
+    q, k, v, allowed = backend_inputs("cpu", torch.float64, S=5 if causal else 7)
+    got = backend.attend(q, k, v, allowed_BQS=None if causal else allowed, causal=causal)
+    torch.testing.assert_close(got, reference_attention(q, k, v, allowed, causal), **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["flex", "xformers"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_backends_match_reference(name, causal):
+    if name == "xformers":
+        pytest.importorskip("xformers")
+    backend = get_registry().build("attention_backend", ComponentSpec(name=name))
+    q, k, v, allowed = backend_inputs("cuda", torch.float32, Q=128, S=128 if causal else 256)
+    got = backend.attend(q, k, v, allowed_BQS=None if causal else allowed, causal=causal)
+    torch.testing.assert_close(got, reference_attention(q, k, v, allowed, causal), atol=2e-3, rtol=2e-3)
+
+
+def test_flex_backend_refuses_cpu_clearly():
+    backend = get_registry().build("attention_backend", ComponentSpec(name="flex"))
+    q, k, v, allowed = backend_inputs("cpu", torch.float32)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        backend.attend(q, k, v, allowed_BQS=allowed, causal=False)

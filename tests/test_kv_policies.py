@@ -227,3 +227,18 @@ def test_policies_differ_where_tokens_exit():
     torch.testing.assert_close(kept["recursion_wise"], kept["full"], atol=1e-10, rtol=0)
     torch.testing.assert_close(kept["hybrid"], kept["full"], atol=1e-10, rtol=0)
     assert not torch.allclose(kept["recursive_sharing"], kept["full"], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MOR_POLICIES)
+def test_training_forward_backpropagates_through_every_step(name):
+    """In training (top-k, no cache; the ephemeral per-forward store where a step reads another's slot)
+    the loss reaches the router of every step and the shared attention weights."""
+    model = mor_model(name, 3).train()
+    tokens_BT = torch.randint(0, model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model(tokens_BT)
+    assert len(out.stats.selected_per_step) == 3 and out.stats.selected_per_step[2].sum() == 2 * 4
+    model.loss(out, tokens_BT).backward()
+    for head in model.router.heads:
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    shared = model.engine.layers[model.engine.physical_of[model.engine.step_layers[0][0]]]
+    assert shared.attn.k_proj.weight.grad.abs().sum() > 0

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive import AttentionBackend, ComponentConfig, RouteDecision, Router
+from adaptive import AttentionBackend, ComponentConfig, KVPolicy, RouteDecision, Router
 from adaptive.model.cache import KVCache
 from adaptive.plugins import get_registry
 from adaptive.testing import (
+    Trace,
+    assert_same,
     check_batch_invariance,
     check_cache_consistency,
     check_causality,
@@ -101,8 +103,10 @@ def test_batch_and_padding_invariance(combo, data, training_rule):
 def test_depth_schedulers_keep_every_property(combo, data):
     inputs = data.draw(check_inputs(combo.names()))
     router = get_registry().get("router", combo.names()["router"]).cls
-    check_causality(inputs.config, **{**inputs.causality(training_rule=router.causal_in_training), "capacities": None})
-    check_cache_consistency(inputs.config, **{**inputs.cache(), "capacities": None})
+    scheduled = {"capacities": None}  # the scheduler under test decides, at the drawn training progress
+    check_causality(inputs.config, **{**inputs.causality(training_rule=router.causal_in_training), **scheduled})
+    check_batch_invariance(inputs.config, **{**inputs.batch_invariance(training_rule=True), **scheduled})
+    check_cache_consistency(inputs.config, **{**inputs.cache(), **scheduled})
 
 
 @pytest.mark.parametrize("combo", params(BACKEND_COMBOS))
@@ -265,3 +269,48 @@ def test_top_left_causal_attention_is_caught(seed):
             check_cache_consistency(config, seed=seed, length=10, prompt_length=4)
         with pytest.raises(AssertionError, match="padding invariance"):
             check_padding_invariance(config, seed=seed, batch=2, length=10, left_pads=[3, 0])
+
+
+# ---------------------------------------------------------------------------------------------- the grid and the messages
+
+
+class PickyPolicy(KVPolicy):
+    """Test policy that declares it cannot serve beside the ``all`` router."""
+
+    name = "test_picky"
+    Config = ComponentConfig
+
+    @classmethod
+    def incompatible_with(cls, parts):
+        return "needs a router that routes" if parts["router"].name == "all" else None
+
+    def writes(self, step):
+        return "selected"
+
+    def reads(self, step):
+        return (step,)
+
+
+def test_a_new_plugin_joins_the_grid_and_its_declared_incompatibilities_skip_with_the_reason():
+    with components_registered(PickyPolicy, SequenceMeanRouter):
+        grid = {c.id: c for c in combinations(probe=False)}
+    assert "needs a router that routes" in grid["cycle-all-test_picky-swiglu"].skip
+    assert grid["cycle-expert_choice-test_picky-swiglu"].skip is None
+    assert grid["middle_cycle-test_sequence_mean-recursion_wise-swiglu"].skip is None
+    assert "no recursion steps" in grid["none-test_sequence_mean-full-swiglu"].skip
+
+
+def test_failure_messages_name_the_earliest_row_position_and_step():
+    logits_BTV = torch.zeros(2, 5, 3, dtype=torch.float64)
+    selected_RBT = torch.ones(2, 2, 5, dtype=torch.bool)
+    expected = Trace(logits_BTV, selected_RBT, torch.full((2, 5), 2))
+    flipped = Trace(logits_BTV, selected_RBT.clone(), torch.full((2, 5), 2))
+    flipped.selected_RBT[1, 0, 4] = flipped.selected_RBT[1, 1, 3] = False
+    with pytest.raises(AssertionError, match="here: routing mismatch at row 1, position 3, step 1: expected selected, "
+                       "got not selected \\(2 decisions differ"):
+        assert_same(expected, flipped, "here")
+    moved = Trace(logits_BTV.clone(), selected_RBT, torch.full((2, 5), 2))
+    moved.logits_BTV[0, 2, 1] = 1e-6
+    with pytest.raises(AssertionError, match="logits differ at row 0, position 2 by up to 1.000e-06"):
+        assert_same(expected, moved, "here")
+    assert_same(expected, moved, "here", atol=1e-5)

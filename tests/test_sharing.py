@@ -4,6 +4,7 @@ the recursive baseline equals the unrolled vanilla model with the same (tied) we
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -125,13 +126,12 @@ def test_model_with_padding_builds_the_padded_depth():
 
 def _call_counts(model, tokens):
     """How often each physical layer's attention and FFN weights are used in one forward."""
-    counts = {}
+    counts = Counter()
     handles = []
     for p, layer in enumerate(model.engine.layers):
-        for part in ("q", "k", "v", "o"):
-            mod = getattr(layer.attn, f"{part}_proj")
-            handles.append(mod.register_forward_hook(lambda m, i, o, key=(p, part): counts.__setitem__(key, counts.get(key, 0) + 1)))
-        handles.append(layer.ffn.register_forward_hook(lambda m, i, o, key=(p, "ffn"): counts.__setitem__(key, counts.get(key, 0) + 1)))
+        parts = {part: getattr(layer.attn, f"{part}_proj") for part in ("q", "k", "v", "o")} | {"ffn": layer.ffn}
+        for part, module in parts.items():
+            handles.append(module.register_forward_hook(lambda m, i, o, key=(p, part): counts.update([key])))
     model(tokens)
     for h in handles:
         h.remove()

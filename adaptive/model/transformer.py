@@ -74,6 +74,7 @@ class AdaptiveLM(nn.Module):
 
         ``training_rule`` defaults to ``self.training and cache is None``: top-k style routing in
         training, the causal inference rule in eval mode and whenever a cache is used.
+        With a cache that holds ``doc_ids``, a chunk given without them continues each row's last document.
         """
         B, T = tokens_BT.shape
         offset = cache.length if cache is not None else 0
@@ -83,6 +84,8 @@ class AdaptiveLM(nn.Module):
             position_ids_BT = (offset + torch.arange(T, device=tokens_BT.device)).expand(B, T)
         h_BTD = self.embed(tokens_BT)
         cos, sin = self.rotary.cos_sin(position_ids_BT, h_BTD.dtype)
+        if doc_ids_BT is None and cache is not None and cache.doc_ids_BS is not None and offset > 0:
+            doc_ids_BT = cache.doc_ids_BS[:, offset - 1:offset].expand(B, T)  # continue each row's last document
         store = cache if cache is not None else self._ephemeral_store(B, T)
         if store is not None and doc_ids_BT is not None:
             store.set_doc_ids(doc_ids_BT, offset)

@@ -20,13 +20,14 @@ from adaptive.testing.cache import check_cache_consistency
 from adaptive.testing.causality import check_causality
 from adaptive.testing.combos import Combination, combinations, micro_config, skip_reason
 from adaptive.testing.compare import assert_same, assert_same_routing
+from adaptive.testing.install import components_registered
 from adaptive.testing.invariance import check_batch_invariance, check_padding_invariance
 from adaptive.testing.models import FixedCapacities, Trace, as_model, run
 
 __all__ = [
     "Combination", "FixedCapacities", "Trace", "as_model", "assert_same", "assert_same_routing",
     "check_all", "check_batch_invariance", "check_cache_consistency", "check_causality",
-    "check_padding_invariance", "combinations", "micro_config", "run", "skip_reason",
+    "check_padding_invariance", "combinations", "components_registered", "micro_config", "run", "skip_reason",
 ]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from adaptive.model.config import MODEL_COMPONENTS, ModelConfig
+from adaptive.plugins import get_registry
 from adaptive.registry import ComponentSpec, Registry
 from adaptive.testing.models import as_model, single_threaded
 
@@ -40,11 +41,7 @@ class Combination:
 
 
 def _registry(registry: Registry | None) -> Registry:
-    if registry is not None:
-        return registry
-    from adaptive.plugins import get_registry
-
-    return get_registry()
+    return registry if registry is not None else get_registry()
 
 
 def combinations(registry: Registry | None = None, axes: tuple[str, ...] = AXES,

@@ -14,9 +14,11 @@ from typing import Any, Union
 
 import torch
 
-from adaptive.interfaces import DepthScheduler, ComponentConfig
+from adaptive.interfaces import ComponentConfig, DepthScheduler
 from adaptive.model.config import ModelConfig
 from adaptive.model.transformer import AdaptiveLM, build_model
+from adaptive.plugins import get_registry
+from adaptive.recipe import load as load_recipe
 from adaptive.registry import Registry
 
 Tensor = torch.Tensor
@@ -62,9 +64,7 @@ def model_config(model_or_config: ModelConfig | dict | str | Path) -> ModelConfi
         return model_or_config
     if isinstance(model_or_config, dict):
         return ModelConfig.model_validate(model_or_config)
-    from adaptive.recipe import load
-
-    return load(model_or_config).model
+    return load_recipe(model_or_config).model
 
 
 def as_model(model_or_config: ModelLike, *, registry: Registry | None = None, seed: int = 0,
@@ -77,12 +77,8 @@ def as_model(model_or_config: ModelLike, *, registry: Registry | None = None, se
         model = copy.deepcopy(model_or_config)
     else:
         config = model_config(model_or_config)
-        if registry is None:
-            from adaptive.plugins import get_registry
-
-            registry = get_registry()
         torch.manual_seed(seed)
-        model = build_model(config, registry, vocab_size=config.vocab_size or DEFAULT_VOCAB)
+        model = build_model(config, registry or get_registry(), vocab_size=config.vocab_size or DEFAULT_VOCAB)
     model = model.to(device="cpu", dtype=dtype).eval()
     if capacities is not None:
         model.engine.scheduler = FixedCapacities(capacities)
@@ -156,7 +152,8 @@ def run_pieces(model: AdaptiveLM, tokens_BT: Tensor, pieces: list[int], *, train
                progress: float | None = None) -> Trace:
     """Feed ``tokens_BT`` through one KV cache in consecutive pieces of the given lengths."""
     B, T = tokens_BT.shape
-    assert sum(pieces) == T and all(n > 0 for n in pieces), f"pieces {pieces} must be positive and sum to {T}"
+    if sum(pieces) != T or any(n <= 0 for n in pieces):
+        raise ValueError(f"pieces {pieces} must be positive and sum to the length {T}")
     cache = model.new_cache(B, T)
     traces, start = [], 0
     for n in pieces:

@@ -21,7 +21,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import Field
 
 from adaptive import ComponentConfig, RouteContext, RouteDecision, Router, RoutingStats
@@ -106,7 +105,9 @@ class TokenChoiceRouter(Router):
         carry = TokenChoiceCarry(depth_BT, gate_BT)
         valid_BT1 = ctx.valid_BT[..., None].to(probs_BTR.dtype)
         n_real = valid_BT1.sum().clamp(min=1)
-        load_R = (F.one_hot(depth_BT, self.num_steps).to(probs_BTR.dtype) * valid_BT1).sum((0, 1)) / n_real
+        depths_R = torch.arange(self.num_steps, device=depth_BT.device)
+        chosen_BTR = (depth_BT[..., None] == depths_R).to(probs_BTR.dtype)  # not F.one_hot: it syncs on CUDA
+        load_R = (chosen_BTR * valid_BT1).sum((0, 1)) / n_real
         metrics = {f"{LOAD_METRIC}{i}": load_R[i] for i in range(self.num_steps)}
         aux = {}
         if ctx.training_rule:

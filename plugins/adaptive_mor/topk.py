@@ -20,9 +20,8 @@ def top_k_rows(score_BT: Tensor, active_BT: Tensor, valid_BT: Tensor, k: int) ->
     (only when a row has fewer than ``k`` active real tokens; its outputs are discarded), then inactive
     tokens (never reached when ``k`` is at most the active count, which the caller guarantees)."""
     tier_BT = (~valid_BT).long() + 2 * (~active_BT).long()
-    key = score_BT - 1e6 * tier_BT
-    kth = key.sort(dim=1, descending=True).values[:, k - 1:k]
-    return key > kth
+    order_BT = lex_order(score_BT, tier_BT)
+    return torch.zeros_like(active_BT).scatter(1, order_BT[:, :k], True)
 
 
 def top_k_docs(score_BT: Tensor, eligible_BT: Tensor, valid_BT: Tensor, doc_BT: Tensor, capacity: float,
