@@ -48,36 +48,52 @@ class KVStore:
             self.slots[layer] = slot
         return slot
 
-    def write(self, layer: int, cols_BK: Tensor, k_BGKE: Tensor, v_BGKE: Tensor, mask_BK: Tensor | None) -> None:
-        """Store keys/values at columns ``cols_BK``; entries where ``mask_BK`` is False are not written."""
+    def write(self, layer: int, cols_BK: Tensor, k_BGKE: Tensor, v_BGKE: Tensor, mask_BK: Tensor | None,
+              rows_R: Tensor | None = None) -> None:
+        """Store keys/values at columns ``cols_BK`` (of batch rows ``rows_R``, default all); entries where
+        ``mask_BK`` is False are not written."""
         slot = self._slot(layer, k_BGKE)
+        k_all, v_all, written_all = slot.k_BGSE, slot.v_BGSE, slot.written_BS
+        if rows_R is not None:
+            k_all, v_all, written_all = (t.index_select(0, rows_R) for t in (k_all, v_all, written_all))
         B, G, K, E = k_BGKE.shape
         index = cols_BK[:, None, :, None].expand(B, G, K, E)
         if mask_BK is not None:
             keep = mask_BK[:, None, :, None]
-            k_BGKE = torch.where(keep, k_BGKE, slot.k_BGSE.gather(2, index))
-            v_BGKE = torch.where(keep, v_BGKE, slot.v_BGSE.gather(2, index))
-            written = mask_BK | slot.written_BS.gather(1, cols_BK)
+            k_BGKE = torch.where(keep, k_BGKE, k_all.gather(2, index))
+            v_BGKE = torch.where(keep, v_BGKE, v_all.gather(2, index))
+            written = mask_BK | written_all.gather(1, cols_BK)
         else:
             written = torch.ones_like(cols_BK, dtype=torch.bool)
-        if self.persistent:
+        if self.persistent and rows_R is None:
             slot.k_BGSE.scatter_(2, index, k_BGKE)
             slot.v_BGSE.scatter_(2, index, v_BGKE)
             slot.written_BS.scatter_(1, cols_BK, written)
+            return
+        updated = (k_all.scatter(2, index, k_BGKE), v_all.scatter(2, index, v_BGKE), written_all.scatter(1, cols_BK, written))
+        if rows_R is None:
+            slot.k_BGSE, slot.v_BGSE, slot.written_BS = updated
+        elif self.persistent:
+            for full, part in zip((slot.k_BGSE, slot.v_BGSE, slot.written_BS), updated):
+                full.index_copy_(0, rows_R, part)
         else:
-            slot.k_BGSE = slot.k_BGSE.scatter(2, index, k_BGKE)
-            slot.v_BGSE = slot.v_BGSE.scatter(2, index, v_BGKE)
-            slot.written_BS = slot.written_BS.scatter(1, cols_BK, written)
+            slot.k_BGSE, slot.v_BGSE, slot.written_BS = (
+                full.index_copy(0, rows_R, part) for full, part in zip((slot.k_BGSE, slot.v_BGSE, slot.written_BS), updated))
 
-    def read(self, layers: tuple[int, ...], upto: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys, values and written-mask over columns [0, upto); earlier ``layers`` shadow later ones."""
+    def read(self, layers: tuple[int, ...], upto: int, rows_R: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values and written-mask over columns [0, upto) (of rows ``rows_R``, default all); earlier
+        ``layers`` shadow later ones."""
+        def cut(t: Tensor, dim: int) -> Tensor:
+            t = t.narrow(dim, 0, upto)
+            return t if rows_R is None else t.index_select(0, rows_R)
+
         first, *rest = [self.slots[layer] for layer in layers]
-        k, v, written = first.k_BGSE[:, :, :upto], first.v_BGSE[:, :, :upto], first.written_BS[:, :upto]
+        k, v, written = cut(first.k_BGSE, 2), cut(first.v_BGSE, 2), cut(first.written_BS, 1)
         for slot in rest:
             shadow = written[:, None, :, None]
-            k = torch.where(shadow, k, slot.k_BGSE[:, :, :upto])
-            v = torch.where(shadow, v, slot.v_BGSE[:, :, :upto])
-            written = written | slot.written_BS[:, :upto]
+            k = torch.where(shadow, k, cut(slot.k_BGSE, 2))
+            v = torch.where(shadow, v, cut(slot.v_BGSE, 2))
+            written = written | cut(slot.written_BS, 1)
         return k, v, written
 
     def set_doc_ids(self, doc_ids_BT: Tensor, start: int) -> None:

@@ -57,23 +57,36 @@ class Pass:
 
 @dataclass
 class Selection:
-    """The tokens that run a step, gathered in causal (column) order."""
+    """The tokens that run a step, gathered in causal (column) order.
+
+    ``rows_R`` (data-dependent routing only) keeps just the batch rows where some token continues;
+    ``idx_BK`` and ``qvalid_BK`` then index those rows (B = R).
+    """
 
     idx_BK: Tensor | None  # None: every token, in place
     qvalid_BK: Tensor | None  # None: all K gathered entries are real selections
     size: int
+    rows_R: Tensor | None = None  # None: every row
+
+    def rows(self, x_B_: Tensor) -> Tensor:
+        return x_B_ if self.rows_R is None else x_B_.index_select(0, self.rows_R)
 
     def gather(self, x_BT_: Tensor) -> Tensor:
+        x_BT_ = self.rows(x_BT_)
         if self.idx_BK is None:
             return x_BT_
         index = self.idx_BK.view(*self.idx_BK.shape, *([1] * (x_BT_.dim() - 2))).expand(-1, -1, *x_BT_.shape[2:])
         return x_BT_.gather(1, index)
 
     def scatter(self, full_BTD: Tensor, part_BKD: Tensor) -> Tensor:
-        if self.idx_BK is None:
+        if self.idx_BK is None and self.rows_R is None:
             return part_BKD
-        index = self.idx_BK[..., None].expand(-1, -1, full_BTD.shape[-1])
-        return full_BTD.scatter(1, index, part_BKD)
+        kept_BTD = self.rows(full_BTD)
+        if self.idx_BK is None:
+            kept_BTD = part_BKD
+        else:
+            kept_BTD = kept_BTD.scatter(1, self.idx_BK[..., None].expand(-1, -1, full_BTD.shape[-1]), part_BKD)
+        return kept_BTD if self.rows_R is None else full_BTD.index_copy(0, self.rows_R, kept_BTD)
 
 
 @dataclass
@@ -98,12 +111,17 @@ def compact(selected_BT: Tensor, decision: RouteDecision, length: int) -> Select
     if decision.num_selected is not None:
         return Selection(order_BT[:, : decision.num_selected], None, decision.num_selected)
     count_B = selected_BT.sum(1)
+    rows_R = None
     if decision.max_selected is not None:
         size = min(decision.max_selected, length)
     else:
-        size = int(count_B.max())  # data-dependent routing: the one host sync per step
+        counts = count_B.tolist()  # data-dependent routing: the one host sync per step
+        size = max(counts)
+        if 0 < size and min(counts) == 0:  # rows where no token continues are not computed at all
+            rows_R = torch.tensor([b for b, c in enumerate(counts) if c], device=selected_BT.device)
+            order_BT, count_B = order_BT.index_select(0, rows_R), count_B.index_select(0, rows_R)
     arange_K = torch.arange(size, device=selected_BT.device)
-    return Selection(order_BT[:, :size], arange_K[None] < count_B[:, None], size)
+    return Selection(order_BT[:, :size], arange_K[None] < count_B[:, None], size, rows_R)
 
 
 class RecursionEngine(nn.Module):
@@ -267,24 +285,24 @@ class RecursionEngine(nn.Module):
         assert store is not None
         sel = w.sel
         T = p.length
-        cols_BT = p.offset + torch.arange(T, device=x_BKD.device).expand(x_BKD.shape[0], T)
+        cols_BT = p.offset + torch.arange(T, device=x_BKD.device).expand(p.position_ids_BT.shape[0], T)
         cols_BK = sel.gather(cols_BT)
         if w.writes == "selected":
             k_BGKE, v_BGKE = weights.attn.keys_values(normed_BKD, w.cos, w.sin)
             mask_BK = _and(sel.qvalid_BK, None if p.valid_BT is None else sel.gather(p.valid_BT))
-            store.write(logical, cols_BK, k_BGKE, v_BGKE, mask_BK)
+            store.write(logical, cols_BK, k_BGKE, v_BGKE, mask_BK, sel.rows_R)
         elif w.writes == "all":
             if sel.qvalid_BK is not None:  # surplus gathered slots hold tokens that did not run: keep them frozen
                 x_BKD = torch.where(sel.qvalid_BK[..., None], x_BKD, sel.gather(w.dense_hidden))
             dense_BTD = sel.scatter(w.dense_hidden, x_BKD)
             k_BGTE, v_BGTE = weights.attn.keys_values(norms.attn_norm(dense_BTD), p.cos_BT, p.sin_BT)
             store.write(logical, cols_BT, k_BGTE, v_BGTE, p.valid_BT)
-        k_BGSE, v_BGSE, written_BS = store.read(self.read_slots(logical, w.reads), p.offset + T)
+        k_BGSE, v_BGSE, written_BS = store.read(self.read_slots(logical, w.reads), p.offset + T, sel.rows_R)
         S = k_BGSE.shape[2]
         col_S = torch.arange(S, device=x_BKD.device)
         allowed_BKS = written_BS[:, None, :] & (col_S[None, None, :] <= cols_BK[:, :, None])
         if store.doc_ids_BS is not None:
-            allowed_BKS = allowed_BKS & (store.doc_ids_BS[:, None, :S] == sel.gather(p.doc_ids_BT)[:, :, None])
+            allowed_BKS = allowed_BKS & (sel.rows(store.doc_ids_BS)[:, None, :S] == sel.gather(p.doc_ids_BT)[:, :, None])
         allowed_BKS = ensure_nonempty(allowed_BKS, col_S[None, None, :] == cols_BK[:, :, None])
         return self.backend.attend(q_BHKE, k_BGSE, v_BGSE, allowed_BQS=allowed_BKS, causal=False)
 

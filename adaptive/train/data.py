@@ -112,10 +112,13 @@ class TrainData:
         index = sequence_indices(position + micro_index * micro_size, micro_size, len(self.train), self.seed)
         return self.train.batch(index)
 
-    def validation_rows(self, max_rows: int, rank: int, world: int) -> Tensor:
-        """The fixed validation rows this process evaluates (strided over processes)."""
-        total = min(len(self.validation), max_rows)
-        return torch.arange(rank, total, world)
+    def validation_rows(self, max_rows: int, world: int) -> Tensor:
+        """The fixed validation rows an evaluation covers; process r takes ``rows[r::world]``."""
+        total = min(len(self.validation), max_rows) // world * world  # the same count on every process
+        if total == 0:
+            raise DataError(f"data.validation_fraction: the validation split has {len(self.validation)} sequence(s), "
+                            f"fewer than the {world} processes; use a larger fraction or corpus")
+        return torch.arange(total)
 
 
 def build_source(data: DataConfig, registry: Registry):

@@ -1,7 +1,8 @@
 """Data-parallel training: process-group set-up, DDP / FSDP2 wrapping, full-state checkpoints.
 
 Launch with ``torchrun --nproc-per-node N -m adaptive train RECIPE``; ``train.distributed.strategy``
-picks ``ddp`` or ``fsdp2`` (``fully_shard`` on each physical layer block, then on the root).
+picks ``ddp`` or ``fsdp2`` (``fully_shard`` on the parts of each physical layer block, then on the root;
+see ``fsdp_units``).
 
 Contract with the model (and its routers) for routing state that lives outside autograd:
 after every optimizer step the trainer calls ``model.after_optimizer_step(stats)`` on the unwrapped
@@ -83,10 +84,29 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The per-block FSDP2 units: every module of any ModuleList attribute named ``layers``."""
-    return [block for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)
-            and name.rsplit(".", 1)[-1] == "layers" for block in mod]
+def public_methods(module: nn.Module) -> tuple[str, ...]:
+    """Public methods a module's own classes define (up to, not including, nn.Module)."""
+    names = []
+    for cls in type(module).__mro__:
+        if cls is nn.Module or not issubclass(cls, nn.Module):
+            break
+        names += [n for n, v in vars(cls).items() if callable(v) and not n.startswith("_") and n not in names]
+    return tuple(names)
+
+
+def fsdp_units(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """FSDP2 units below the root, each with the methods through which the model runs its parameters.
+
+    A model may say so itself with ``fsdp_units()``. Otherwise: each parameter-holding child of every
+    physical layer block (the modules of a ModuleList named ``layers``), with the public methods its class
+    defines, since the recursion engine calls e.g. ``attn.queries`` rather than the block's ``forward``.
+    """
+    if hasattr(model, "fsdp_units"):
+        return list(model.fsdp_units())
+    blocks = [block for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)
+              and name.rsplit(".", 1)[-1] == "layers" for block in mod]
+    return [(child, public_methods(child)) for block in blocks for child in block.children()
+            if any(True for _ in child.parameters())]
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -98,11 +118,14 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
         return DDP(model, device_ids=ids)
     if info.strategy == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(info.device.type, (info.world,))
-        for block in shard_units(model):
-            fully_shard(block, mesh=mesh)
+        for unit, methods in fsdp_units(model):
+            fully_shard(unit, mesh=mesh)
+            for method in methods:
+                if method != "forward":
+                    register_fsdp_forward_method(unit, method)
         fully_shard(model, mesh=mesh)
     return model
 
@@ -126,6 +149,30 @@ def no_sync(model: nn.Module, info: DistInfo, active: bool):
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, info: DistInfo):
+    """Inside: the model runs without collectives (evaluation may route each process differently).
+
+    Under FSDP2 every unit is all-gathered once and kept unsharded until the end; callers then use
+    ``unwrap(model)``, which bypasses DDP's per-forward buffer broadcast.
+    """
+    if info.strategy != "fsdp2":
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:

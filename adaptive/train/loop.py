@@ -157,10 +157,9 @@ class Trainer:
         self.acc = StepAccumulator()
         self.last_loss: float | None = None
         self.val_loss: float | None = None
-        self.val_rows = self.data.validation_rows(self.cfg.eval_batches * self.cfg.batch_size, info.rank, info.world)
-        self.entropy = unigram_entropy(self.data.validation.batch(
-            torch.arange(min(len(self.data.validation), self.cfg.eval_batches * self.cfg.batch_size))).targets_BT,
-            self.data.tokenizer.vocab_size)
+        rows = self.data.validation_rows(self.cfg.eval_batches * self.cfg.batch_size, info.world)
+        self.val_rows = rows[info.rank::info.world]
+        self.entropy = unigram_entropy(self.data.validation.batch(rows).targets_BT, self.data.tokenizer.vocab_size)
         self.recipe_path = recipe_path
 
     # ------------------------------------------------------------------ set-up
@@ -302,18 +301,20 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation cross-entropy over the fixed validation rows, eval mode (causal routing)."""
         self.flush_train()
-        self.wrapped.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
         depth = StepAccumulator()
-        for chunk in self.val_rows.split(self.micro):
-            batch = self.data.validation.batch(chunk).to(self.info.device)
-            with self.autocast():
-                out = self.wrapped(batch.inputs_BT, position_ids_BT=batch.position_ids_BT, doc_ids_BT=batch.doc_ids_BT)
-            ce = F.cross_entropy(out.logits_BTV.flatten(0, 1).float(), batch.targets_BT.flatten(), reduction="sum")
-            total += torch.stack([ce.double(), torch.tensor(batch.num_tokens, dtype=torch.float64, device=ce.device)])
-            depth.add_stats(out.stats)
+        model = D.unwrap(self.wrapped)  # no DDP buffer broadcast: processes may run different routing
+        model.eval()
+        with D.gathered(self.wrapped, self.info):
+            for chunk in self.val_rows.split(self.micro):
+                batch = self.data.validation.batch(chunk).to(self.info.device)
+                with self.autocast():
+                    out = model(batch.inputs_BT, position_ids_BT=batch.position_ids_BT, doc_ids_BT=batch.doc_ids_BT)
+                ce = F.cross_entropy(out.logits_BTV.flatten(0, 1).float(), batch.targets_BT.flatten(), reduction="sum")
+                total += torch.stack([ce.double(), torch.tensor(batch.num_tokens, dtype=torch.float64, device=ce.device)])
+                depth.add_stats(out.stats)
+        model.train()
         D.all_reduce_(total, self.info)
-        self.wrapped.train()
         self.val_loss = float(total[0] / total[1])
         record = {"step": self.step, "val_loss": self.val_loss, "val_unigram_entropy": self.entropy}
         if depth.depth_hist is not None:  # routing under the causal inference rule (this process's rows)

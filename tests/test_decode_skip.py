@@ -1,0 +1,69 @@
+"""Early-exited tokens really skip the deeper recursion steps when decoding (block calls are counted)."""
+
+import pytest
+import torch
+
+from adaptive.generate import SamplingConfig, generate
+from adaptive.model import ModelConfig, build_model
+from adaptive.plugins import get_registry
+
+NUM_STEPS = 3
+
+
+def mor_model(router: dict, kv_policy: str):
+    cfg = ModelConfig(preset="micro", num_layers=5, num_recursions=NUM_STEPS, sharing={"name": "middle_cycle"},
+                      router=router, kv_policy={"name": kv_policy})
+    torch.manual_seed(0)
+    model = build_model(cfg, get_registry()).double().eval()
+    heads = model.router.heads
+    with torch.no_grad():  # step s keeps a token iff its first hidden feature has the sign of step s's bias:
+        for step, head in enumerate(heads):  # a spread of depths, decided per token, causally
+            head.weight.zero_()
+            head.weight[0, 0] = 40.0
+            head.bias.fill_(-0.6 * step)
+    return model
+
+
+def count_shared_tokens(model):
+    """Tokens seen by the shared block's FFN, per call (the block runs only on gathered tokens)."""
+    shared = {p for step in model.plan.steps for p in step}
+    seen = []
+    for physical in shared:
+        model.engine.layers[physical].ffn.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("kv_policy", ["recursion_wise", "recursive_sharing"])
+def test_decoding_runs_the_shared_block_only_for_tokens_that_continue(kv_policy):
+    model = mor_model({"name": "expert_choice"}, kv_policy)
+    seen = count_shared_tokens(model)
+    per_step = len(model.plan.steps[0])
+    tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(1, 40)
+    depths = []
+    with torch.no_grad():
+        for t in range(40):
+            before = len(seen)
+            depth = int(model(tokens[:, t:t + 1], cache=cache).stats.depth_BT[0, 0])
+            calls = seen[before:]
+            assert calls == [1] * (depth * per_step), f"token {t}: depth {depth} but block calls {calls}"
+            depths.append(depth)
+    assert len(set(depths)) == NUM_STEPS + 1, "the fixture must produce every depth 0..N_r"
+
+
+def test_generate_reports_each_generated_tokens_depth():
+    model = mor_model({"name": "expert_choice"}, "recursion_wise")
+    result = generate(model, [[3, 17, 8, 42]], SamplingConfig(max_new_tokens=6, greedy=True))
+    assert len(result.depths[0]) == 5 and all(0 <= d <= NUM_STEPS for d in result.depths[0])
+
+
+def test_a_batch_gathers_only_the_rows_that_continue():
+    model = mor_model({"name": "expert_choice"}, "recursion_wise")
+    seen = count_shared_tokens(model)
+    cache = model.new_cache(4, 8)
+    tokens = torch.tensor([[3], [17], [8], [42]])
+    out = model(tokens, cache=cache)
+    per_step = len(model.plan.steps[0])
+    reached = [int(sel.sum()) for sel in out.stats.selected_per_step]
+    expected = [n for n in reached if n > 0 for _ in range(per_step)]
+    assert seen == expected and len(set(reached)) > 1
