@@ -2,8 +2,9 @@
 
 Counting rules (``adaptive flops RECIPE``; docs/model.md explains them with an example):
 
-* A matmul costs 2 FLOPs per multiply-add. Embedding lookups, norms, RoPE, softmax, residual adds and
-  routers' scoring are not counted (O(D) per token each).
+* A matmul costs 2 FLOPs per multiply-add. Embedding lookups, norms, RoPE, softmax and residual adds are
+  not counted (O(D) per token each). Routers report their own scoring cost per step
+  (``Router.flops_per_token``), counted as a ``router`` segment.
 * Per token, forward = Σ over logical layers of that layer's cost + the LM head ``2·D·V``.
 * A layer's tokens: prelude and coda layers serve every token. At recursion step r the *active fraction*
   ``a_r`` is the router's ``base_capacities()`` passed through the depth scheduler with
@@ -98,6 +99,9 @@ def count_flops(model_cfg: ModelConfig, registry: Registry, seq_len: int, vocab_
         parts.append(segment(f"step {r}", len(step), float(caps[r]), written[r], keys))
     if plan.coda:
         parts.append(segment("coda", len(plan.coda), 1.0, 1.0, T))
+    router_flops = sum(engine.router.flops_per_token(r) for r in range(plan.num_steps))
+    if router_flops:
+        parts.append(SegmentFlops("router", 0, 1.0, 0.0, 0.0, router_flops, 0.0))
     parts.append(SegmentFlops("lm_head", 0, 1.0, 0.0, 0.0, 2 * D * vocab, 0.0))
     forward = sum(p.flops_per_token for p in parts)
     return FlopReport(

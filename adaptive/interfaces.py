@@ -173,6 +173,11 @@ class Router(Component, nn.Module):
         """The new hidden state of the tokens that ran this step (default: gated delta)."""
         return hidden_KD + gate_K.unsqueeze(-1).to(hidden_KD.dtype) * (block_out_KD - hidden_KD)
 
+    def flops_per_token(self, step: int) -> int:
+        """Forward FLOPs the router spends at ``step`` per token of the sequence, for the accountant
+        (0 by default: override when scoring is not negligible)."""
+        return 0
+
     def after_optimizer_step(self, stats: "RoutingStats") -> None:
         """Hook for state updated outside autograd after each optimizer step (e.g. loss-free bias)."""
 

@@ -170,6 +170,17 @@ def _check_model_structure(recipe: Recipe, registry: Registry) -> list[str]:
         registry.build("depth_scheduler", model.depth_scheduler).capacities(base, 0.0)
     except ValueError as exc:
         problems.append(f"model.depth_scheduler: {exc}")
+    return problems + _incompatibilities(recipe, registry)
+
+
+def _incompatibilities(recipe: Recipe, registry: Registry) -> list[str]:
+    """Each component may refuse the parts beside it (``Component.incompatible_with``)."""
+    classes = {key: registry.get(kind, getattr(recipe.model, key).name).cls for key, kind in MODEL_COMPONENTS.items()}
+    problems = []
+    for key, cls in classes.items():
+        reason = cls.incompatible_with(classes)
+        if reason:
+            problems.append(f"model.{key}: {cls.name!r} cannot serve here: {reason}")
     return problems
 
 

@@ -170,7 +170,8 @@ def test_packed_rows_stride_and_boundaries():
 
 def test_too_short_split_is_a_clear_error():
     with pytest.raises(DataError, match="data.seq_len"):
-        PackedRows(np.arange(10, dtype=np.uint16), np.array([10]), seq_len=16, respect_doc_boundaries=True, split="validation")
+        PackedRows(np.arange(10, dtype=np.uint16), np.array([10]), seq_len=16, respect_doc_boundaries=True,
+                   split="validation")
 
 
 def test_sequence_order_is_a_pure_function_of_position_and_covers_each_epoch():

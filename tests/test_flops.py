@@ -174,10 +174,13 @@ def registered(kind):
 @pytest.mark.parametrize("router", registered("router"))
 @pytest.mark.parametrize("kv", registered("kv_policy"))
 def test_every_registered_router_and_policy_is_counted(router, kv):
-    """Whatever the parts, routing and caching can only save: at most the cost of the recursive baseline."""
+    """Whatever the parts, routing and caching can only save: at most the cost of the recursive baseline,
+    plus the router's own scoring (its ``router`` segment)."""
     base = count_flops(recursive("full", router="all"), get_registry(), T)
     report = count_flops(recursive(kv, router=router), get_registry(), T)
-    assert 0 < report.flops_per_token_forward <= base.flops_per_token_forward
+    scoring = sum(part.flops_per_token for part in report.breakdown if part.name == "router")
+    assert (scoring == 0) == (router == "all")
+    assert 0 < report.flops_per_token_forward - scoring <= base.flops_per_token_forward
     assert 0 < report.kv_bytes_per_token <= base.kv_bytes_per_token
     assert report.params_unique >= base.params_unique
     assert report.flops_per_token_train == 3 * report.flops_per_token_forward
@@ -218,3 +221,14 @@ def test_kv_bytes_match_what_the_cache_stores(kv):
     model(torch.randint(0, 512, (2, 16)), cache=cache)
     stored_per_token = int(cache.entries_written()) * cache.bytes_per_entry() / (2 * 16)
     assert stored_per_token == count_flops(cfg, get_registry(), 16, kv_bytes_per_element=4).kv_bytes_per_token
+
+
+def test_router_scoring_is_counted_per_step():
+    """expert_choice scores every token at every step with its step's head: 2·D FLOPs (one logit) each;
+    token_choice scores once, at the first step, with N_r logits."""
+    D = 64  # micro
+    for router, expected in (({"name": "expert_choice"}, 3 * 2 * D), ({"name": "token_choice"}, 2 * D * 3),
+                             ({"name": "expert_choice", "head": "mlp"}, 3 * (2 * D * 2 * D + 2 * 2 * D))):
+        cfg = ModelConfig(preset="micro", num_layers=5, num_recursions=3, sharing={"name": "middle_cycle"}, router=router)
+        report = count_flops(cfg, get_registry(), T)
+        assert [p.flops_per_token for p in report.breakdown if p.name == "router"] == [expected]

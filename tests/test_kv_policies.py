@@ -206,7 +206,9 @@ def test_engine_matches_a_dense_reference_of_the_policy(name, num_recursions, pe
                                                         training_rule, sharing):
     """The engine (compact gathers, the store, prefill into a cache) computes what the policy declares."""
     model = mor_model(name, num_recursions, sharing=sharing, seed=seed, init_std=0.2, min_layers=per_step * num_recursions)
-    tokens_BT = torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    # distinct tokens: a repeated opening token gives exactly tied top-k scores, broken by 1-ulp noise
+    tokens_BT = torch.stack([torch.randperm(model.vocab_size, generator=generator)[:length] for _ in range(batch)])
     with torch.no_grad():
         expected_BTV = reference_logits(model, tokens_BT, training_rule)
     full = run(model, tokens_BT, training_rule=training_rule)

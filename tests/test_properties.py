@@ -242,11 +242,11 @@ def test_a_cache_that_drops_a_write_is_caught(seed):
     """A KV cache that silently loses the keys/values of column 1 at one layer is found by the cache check."""
     original = KVCache.write
 
-    def dropping(self, layer, cols_BK, k_BGKE, v_BGKE, mask_BK):
+    def dropping(self, layer, cols_BK, k_BGKE, v_BGKE, mask_BK, *args, **kwargs):
         if layer == 0:
             keep_BK = cols_BK != 1
             mask_BK = keep_BK if mask_BK is None else mask_BK & keep_BK
-        return original(self, layer, cols_BK, k_BGKE, v_BGKE, mask_BK)
+        return original(self, layer, cols_BK, k_BGKE, v_BGKE, mask_BK, *args, **kwargs)
 
     config = leaky_config("expert_choice")
     check_cache_consistency(config, seed=seed, length=10)

@@ -111,3 +111,32 @@ def test_empty_recipe_is_all_defaults(tmp_path):
     path.write_text("")
     recipe = load(path)
     assert recipe.model.num_layers == 8 and recipe.model.router.name == "all"
+
+
+def test_a_component_that_declares_itself_incompatible_is_a_recipe_error(tmp_path):
+    from adaptive import hookimpl
+    from adaptive.plugins import register_plugin, unregister_plugin
+    from adaptive_base.baseline import AllTokens
+
+    class PickyRouter(AllTokens):
+        name = "picky"
+
+        @classmethod
+        def incompatible_with(cls, parts):
+            return "needs kv_policy recursion_wise" if parts["kv_policy"].name != "recursion_wise" else None
+
+    class Plugin:
+        @hookimpl
+        def register_routers(self, register):
+            register(PickyRouter)
+
+    register_plugin(Plugin(), "picky_plugin")
+    try:
+        path = tmp_path / "r.yaml"
+        path.write_text("model: {preset: micro, num_layers: 4, num_recursions: 2, sharing: {name: cycle}, router: {name: picky}}\n")
+        with pytest.raises(RecipeError) as err:
+            load(path)
+        assert err.value.problems == ["model.router: 'picky' cannot serve here: needs kv_policy recursion_wise"]
+        load(path, ["model.kv_policy.name=recursion_wise"])
+    finally:
+        unregister_plugin("picky_plugin")

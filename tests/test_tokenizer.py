@@ -9,7 +9,8 @@ from adaptive.errors import DataError
 from adaptive.train import tokenizer as T
 from adaptive.train.config import DataConfig, TokenizerConfig
 
-DOCS = [f"The {w} jumps over the lazy dog number {i}. Café ünïcödé ✓" for i, w in enumerate(["fox", "cat", "cow"] * 20)]
+DOCS = [f"The {w} jumps over the lazy dog number {i}. Café ünïcödé ✓"
+        for i, w in enumerate(["fox", "cat", "cow"] * 20)]
 
 
 def data_cfg(tmp_path) -> DataConfig:

@@ -24,16 +24,23 @@ from adaptive.train.schedule import lr_factor
 BASE = """\
 name: tiny-test
 seed: 1
-model: {preset: micro, num_recursions: 3, sharing: {name: middle_cycle}}
+model: {preset: micro, num_recursions: 3, sharing: {name: middle_cycle}, router: {name: expert_choice},
+        kv_policy: {name: recursion_wise}}
 data: {source: {name: pydoc_topics}, seq_len: 32}
 tokenizer: {vocab_size: 300}
 train: {steps: 12, batch_size: 4, log_every: 1, eval_every: 6, eval_batches: 2, checkpoint_every: 4, progress_bar: false}
 """
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One tokenizer/token cache per test process: the BPE is trained once, not once per test."""
+    return tmp_path_factory.mktemp("adaptive-cache")
+
+
 @pytest.fixture
-def make(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTIVE_CACHE", str(tmp_path / "cache"))
+def make(tmp_path, monkeypatch, shared_cache):
+    monkeypatch.setenv("ADAPTIVE_CACHE", str(shared_cache))
     path = tmp_path / "recipe.yaml"
     path.write_text(BASE)
 
@@ -96,7 +103,11 @@ def test_a_short_run_learns_and_leaves_a_complete_run_dir(make, tmp_path):
     assert events["data"]["val_unigram_entropy"] == pytest.approx(result.unigram_entropy)
     assert events["end"]["val_loss"] == pytest.approx(result.val_loss)
     step_record = records(run)[2]
-    assert {"loss", "lr", "tok_per_s", "tokens", "grad_norm", "mean_depth", "depth_hist"} <= set(step_record)
+    assert {"loss", "lr", "tok_per_s", "tokens", "grad_norm", "mean_depth", "depth_hist", "aux/router_bce",
+            "sampling_acc/step1", "flops"} <= set(step_record)
+    assert step_record["depth_hist"][0] == 0 and sum(step_record["depth_hist"]) == pytest.approx(1.0, abs=1e-3)
+    val = [r for r in records(run) if "val_loss" in r and "event" not in r][-1]
+    assert {"val_mean_depth", "val_depth_hist", "val_unigram_entropy"} <= set(val)
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [20, 30]  # keep_checkpoints=2
 
 
@@ -114,9 +125,60 @@ def test_checkpoint_weights_reproduce_the_model(make, tmp_path):
         assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
 
 
+def test_router_buffers_are_checkpointed_in_float32(make, tmp_path):
+    """The loss-free balancing bias is a persistent buffer updated by after_optimizer_step."""
+    recipe = make("train.steps=4", "model.router.name=token_choice", "model.router.balancing=loss_free",
+                  "model.kv_policy.name=full")
+    train(recipe, get_registry())
+    weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "run"))
+    (bias,) = [t for name, t in weights.items() if name.endswith("balance_bias")]
+    assert bias.dtype == torch.float32 and bias.abs().sum() > 0
+
+
+def test_tensorboard_events_when_the_package_is_there(make, tmp_path, monkeypatch):
+    import types
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, step))
+
+        def close(self):
+            scalars.append(("closed", 0))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(make("train.steps=2", "train.eval_every=2"), get_registry())
+    assert ("loss", 1) in scalars and ("val_loss", 2) in scalars and scalars[-1] == ("closed", 0)
+
+
 def test_stop_by_tokens(make, tmp_path):
     result = train(make("train.steps=null", "train.tokens=500"), get_registry())
     assert result.step == 4  # ceil(500 / (4 sequences x 32 tokens))
+
+
+def test_stop_by_flop_budget_uses_the_accountant(make, tmp_path):
+    from adaptive.flops import count_flops
+
+    recipe = make("train.steps=null")
+    per_token = count_flops(recipe.model, get_registry(), seq_len=32, vocab_size=300).flops_per_token_train
+    budget = per_token * 4 * 32 * 3.5  # three and a half steps' worth
+    result = train(make("train.steps=null", f"train.flop_budget={budget}"), get_registry())
+    assert result.step == 3
+    last = [r for r in records(tmp_path / "run") if "flops" in r][-1]
+    assert last["flops"] == pytest.approx(per_token * 3 * 4 * 32) and last["flops"] <= budget
+
+
+def test_the_first_limit_reached_stops_the_run(make):
+    assert train(make("train.steps=2", "train.tokens=100000"), get_registry()).step == 2
+
+
+def test_bfloat16_autocast_runs(make):
+    result = train(make("train.steps=2", "train.dtype=bfloat16"), get_registry())
+    assert result.final_loss is not None and result.final_loss == result.final_loss
 
 
 def test_no_stopping_rule_is_a_recipe_error(make):
@@ -136,6 +198,8 @@ def test_grad_accumulation_matches_the_full_batch(make, tmp_path):
     assert full.keys() == accum.keys()
     for step in full:
         assert accum[step] == pytest.approx(full[step], abs=1e-4)
+    bce = [[r["aux/router_bce"] for r in records(tmp_path / run) if "loss" in r] for run in ("full", "accum")]
+    assert bce[0] == pytest.approx(bce[1], rel=0.05)  # a mean of micro-batch means, not a sum
 
 
 # ---------------------------------------------------------------------------------------------- resume

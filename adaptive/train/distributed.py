@@ -142,11 +142,11 @@ def no_sync(model: nn.Module, info: DistInfo, active: bool):
         with model.no_sync():
             yield
     elif active and info.strategy == "fsdp2":
-        model.set_requires_gradient_sync(False)
+        unwrap(model).set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            unwrap(model).set_requires_gradient_sync(True)
     else:
         yield
 
@@ -163,7 +163,7 @@ def gathered(model: nn.Module, info: DistInfo):
         return
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -201,7 +201,7 @@ def model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     if info.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap(model).state_dict()
 
 
@@ -209,7 +209,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], info: Dis
     if info.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(unwrap(model), state, options=StateDictOptions(full_state_dict=True))
         return
     unwrap(model).load_state_dict(state)
 
@@ -218,7 +218,8 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: Di
     if info.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
     return optimizer.state_dict()
 
 
@@ -226,6 +227,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     if info.strategy == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
     optimizer.load_state_dict(state)

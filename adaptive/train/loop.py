@@ -69,7 +69,8 @@ def total_steps(recipe: Recipe, registry: Registry, vocab_size: int) -> tuple[in
     try:
         from adaptive.flops import count_flops
 
-        flops_per_token = count_flops(recipe.model, registry, seq_len=recipe.data.seq_len, vocab_size=vocab_size).flops_per_token_train
+        report = count_flops(recipe.model, registry, seq_len=recipe.data.seq_len, vocab_size=vocab_size)
+        flops_per_token = report.flops_per_token_train  # at the after-training capacities (progress=None)
     except ImportError:
         if t.flop_budget is not None:
             raise RecipeError(["train.flop_budget: needs the FLOP accountant (adaptive.flops), which is not installed; "
@@ -92,14 +93,16 @@ def merge_stats(all_stats: list[RoutingStats]) -> RoutingStats:
     """One RoutingStats for the micro-batches of an optimizer step (batch dimension concatenated)."""
     if len(all_stats) == 1:
         return all_stats[0]
-    first = all_stats[0]
     cat = lambda xs: None if any(x is None for x in xs) else torch.cat(xs)  # noqa: E731
     steps = min(len(s.selected_per_step) for s in all_stats)
+    scored = min(len(s.logits_per_step) for s in all_stats)
+    metrics = {k: torch.stack([s.metrics[k] for s in all_stats if k in s.metrics]).float().mean()
+               for k in all_stats[0].metrics}
     return RoutingStats(
         depth_BT=cat([s.depth_BT for s in all_stats]),
         selected_per_step=[torch.cat([s.selected_per_step[r] for s in all_stats]) for r in range(steps)],
-        logits_per_step=[cat([s.logits_per_step[r] for s in all_stats]) for r in range(min(len(s.logits_per_step) for s in all_stats))],
-        metrics={k: torch.stack([s.metrics[k] for s in all_stats if k in s.metrics]).float().mean() for k in first.metrics},
+        logits_per_step=[cat([s.logits_per_step[r] for s in all_stats]) for r in range(scored)],
+        metrics=metrics,
     )
 
 
@@ -143,6 +146,8 @@ class StopSignal:
 class Trainer:
     def __init__(self, recipe: Recipe, registry: Registry, info: D.DistInfo, resume: bool, recipe_path: str | None):
         self.recipe, self.registry, self.info, self.cfg = recipe, registry, info, recipe.train
+        if all(getattr(self.cfg, k) is None for k in ("steps", "tokens", "flop_budget")):
+            raise RecipeError(["train.steps: set train.steps, train.tokens or train.flop_budget"])
         self.run_dir, self.resume_from = prepare_run_dir(recipe, info, resume)
         self.log = ProgressView(1, 0, False, console)
         torch.manual_seed(recipe.seed)
@@ -238,7 +243,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.wrapped.train()
         progress = self.step / self.total
-        stats, ce_total = [], 0.0
+        stats, ce_total, aux = [], 0.0, {}
         for m in range(cfg.grad_accum):
             batch = self.data.micro_batch(self.position, m * info.world + info.rank, self.micro).to(info.device)
             with D.no_sync(self.wrapped, info, m < cfg.grad_accum - 1):
@@ -246,8 +251,10 @@ class Trainer:
                 ((ce + out.aux_loss) / cfg.grad_accum).backward()
             ce_total = ce_total + ce.detach() / cfg.grad_accum
             for name, value in out.aux_losses.items():
-                self.acc.add(f"aux/{name}", value / cfg.grad_accum)
+                aux[name] = aux.get(name, 0.0) + value.detach() / cfg.grad_accum
             stats.append(out.stats)
+        for name, value in aux.items():
+            self.acc.add(f"aux/{name}", value)
         if cfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
             self.acc.add("grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor (FSDP2)
@@ -345,13 +352,14 @@ class Trainer:
                       f"validation unigram entropy {self.entropy:.4f} nats/token")
         if self.resume_from is not None:
             self.log.note(f"resumed from {self.resume_from} at step {self.step}")
-        interrupted = None
         try:
-            interrupted = self.loop()
+            try:
+                interrupted = self.loop()
+            finally:
+                self.log.stop()
+            return self.finish(interrupted)
         finally:
-            self.log.stop()
             self.metrics.close()
-        return self.finish(interrupted)
 
     def loop(self) -> str | None:
         cfg = self.cfg
@@ -374,8 +382,13 @@ class Trainer:
         return None
 
     def stop_requested(self, stop: StopSignal) -> bool:
+        """Whether a signal asked to stop; with several processes they agree every log step (one sync)."""
+        if self.info.strategy == "none":
+            return stop.name is not None
+        if self.step % self.cfg.log_every:
+            return False
         flag = torch.tensor([1.0 if stop.name else 0.0], device=self.info.device)
-        return bool(D.all_reduce_(flag, self.info, op="max").item()) if self.info.strategy != "none" else bool(stop.name)
+        return bool(D.all_reduce_(flag, self.info, op="max").item())
 
     def finish(self, interrupted: str | None) -> RunResult:
         self.metrics.write({"event": "end", "step": self.step, "interrupted": interrupted, "val_loss": self.val_loss,

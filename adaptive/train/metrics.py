@@ -3,7 +3,8 @@
 Values are accumulated as tensors on the training device and read back once per flush (one host sync
 per log interval, not per step). ``metrics.jsonl`` gets one JSON object per line: ``{"step": ..,
 "loss": .., "lr": .., ...}`` for training intervals, ``{"step": .., "val_loss": ..}`` for evaluations,
-and ``{"event": ..}`` records (start, data, resume, end).
+and ``{"event": ..}`` records (start, data, resume, end). With several processes the losses, grad norm
+and validation loss are global; auxiliary losses and routing statistics are the main process's.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class StepAccumulator:
             depth = stats.depth_BT.detach().reshape(-1)
             steps = len(stats.selected_per_step)
             hist = torch.bincount(depth.clamp(max=steps), minlength=steps + 1).float()
-            self.depth_hist = hist if self.depth_hist is None or len(self.depth_hist) != len(hist) else self.depth_hist + hist
+            same = self.depth_hist is not None and len(self.depth_hist) == len(hist)
+            self.depth_hist = self.depth_hist + hist if same else hist
         for name, value in stats.metrics.items():
             self.add(name, value)
 
@@ -113,8 +115,8 @@ class ProgressView:
         self.lines = enabled and bar
         self.bar = None
         if self.lines and console.is_terminal:
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                TimeRemainingColumn(), console=console, transient=False)
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 

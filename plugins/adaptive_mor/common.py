@@ -49,3 +49,8 @@ def lex_order(score_BT: Tensor, *keys_BT: Tensor) -> Tensor:
     for key_BT in keys_BT:
         order_BT = order_BT.gather(1, torch.sort(key_BT.gather(1, order_BT), dim=1, stable=True).indices)
     return order_BT
+
+
+def linear_flops(module: nn.Module) -> int:
+    """Matmul FLOPs per token (2 per multiply-add) of every Linear inside ``module``."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))

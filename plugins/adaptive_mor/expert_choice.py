@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from adaptive import ComponentConfig, RouteContext, RouteDecision, Router
-from adaptive_mor.common import HeadKind, capacity_count, make_head, masked_mean, upcast
+from adaptive_mor.common import HeadKind, capacity_count, linear_flops, make_head, masked_mean, upcast
 from adaptive_mor.topk import docs_bound, top_k_docs, top_k_rows
 
 Tensor = torch.Tensor
@@ -87,6 +87,11 @@ class ExpertChoiceRouter(Router):
             return list(self.config.capacities)
         n = self.num_steps
         return [(n - r) / n for r in range(n)]  # (N_r - r + 1) / N_r with r = 1..N_r
+
+    def flops_per_token(self, step: int) -> int:
+        """Every token of the sequence is scored at every step (inactive ones are masked afterwards)."""
+        aux = linear_flops(self.aux_heads[step]) if self.aux_heads is not None else 0
+        return linear_flops(self.heads[step]) + aux
 
     # ------------------------------------------------------------------ routing
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from pydantic import Field
 
 from adaptive import ComponentConfig, RouteContext, RouteDecision, Router, RoutingStats
-from adaptive_mor.common import HeadKind, make_head, masked_mean, upcast
+from adaptive_mor.common import HeadKind, linear_flops, make_head, masked_mean, upcast
 
 Tensor = torch.Tensor
 LOAD_METRIC = "depth_load"  # metric "depth_load{i}": fraction of real tokens assigned depth i (step 0)
@@ -84,6 +84,10 @@ class TokenChoiceRouter(Router):
         return module
 
     # ------------------------------------------------------------------ routing
+
+    def flops_per_token(self, step: int) -> int:
+        """The depth is chosen once, at the first step, from every token's first hidden state."""
+        return linear_flops(self.head) if step == 0 else 0
 
     def route(self, hidden_BTD: Tensor, ctx: RouteContext) -> RouteDecision:
         if ctx.step == 0:

@@ -45,7 +45,7 @@ class LinearThresholdRouter(Router):
 
     def route(self, hidden_BTD: torch.Tensor, ctx: RouteContext) -> RouteDecision:
         logits_BT = self.scorers[ctx.step](hidden_BTD).squeeze(-1)
-        probs_BT = torch.sigmoid(logits_BT.float())
+        probs_BT = torch.sigmoid(logits_BT.to(torch.promote_types(logits_BT.dtype, torch.float32)))  # never below fp32
         selected_BT = (probs_BT > self.config.threshold) & ctx.active_BT
         kept = selected_BT.sum() / ctx.active_BT.sum().clamp(min=1)
         return RouteDecision(

@@ -74,3 +74,12 @@ def test_gate_carries_gradient_to_the_scorer_of_its_step():
 def test_config_rejects_bad_values(options):
     with pytest.raises(ValidationError):
         LinearThresholdRouter.Config(**options)
+
+
+def test_linear_threshold_keeps_every_property():
+    """The framework's own checks: causality, cache consistency, batch and padding invariance."""
+    from adaptive.testing import check_all, components_registered, micro_config
+
+    with components_registered(LinearThresholdRouter):  # a no-op when the plugin is installed
+        parts = {"sharing": "middle_cycle", "router": "linear_threshold", "kv_policy": "recursion_wise"}
+        check_all(micro_config(parts, num_recursions=3))
