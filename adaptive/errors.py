@@ -32,5 +32,9 @@ class CheckpointError(AdaptiveError):
     """A checkpoint or run directory is missing, incomplete or incompatible."""
 
 
+class TrainingError(AdaptiveError):
+    """Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
+
+
 class PluginWarning(UserWarning):
     """A plugin failed to load; the rest of the program goes on without it."""

@@ -18,9 +18,7 @@ from adaptive.errors import CheckpointError
 from adaptive.model.transformer import AdaptiveLM, build_model
 from adaptive.registry import Registry
 from adaptive.train.checkpoint import latest_checkpoint, load_weights
-from adaptive.train.tokenizer import TextTokenizer
-
-TOKENIZER_FILE = "tokenizer.json"
+from adaptive.train.tokenizer import TOKENIZER_FILE, TextTokenizer
 
 
 @dataclass

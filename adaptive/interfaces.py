@@ -342,8 +342,11 @@ class DataSource(Component):
 
     kind: ClassVar[str] = "dataset"
 
-    def __init__(self, config: ComponentConfig):
+    def __init__(self, config: ComponentConfig, *, validation_fraction: float):
+        """``validation_fraction`` (the recipe's ``data.validation_fraction``): the share of documents
+        ``documents("validation")`` holds out."""
         self.config = config
+        self.validation_fraction = validation_fraction
 
     def documents(self, split: Literal["train", "validation"]) -> list[str]:
         raise NotImplementedError  # interface: implemented by every registered data source

@@ -8,6 +8,8 @@ from adaptive.model import ModelConfig, build_model
 from adaptive.plugins import get_registry
 
 NUM_STEPS = 3
+# below 1 at every step: with capacity 1 the inference rule keeps every token, as top-k does
+EXPERT = {"name": "expert_choice", "capacities": [0.9, 0.6, 0.3]}
 
 
 def mor_model(router: dict, kv_policy: str):
@@ -35,7 +37,7 @@ def count_shared_tokens(model):
 
 @pytest.mark.parametrize("kv_policy", ["recursion_wise", "recursive_sharing"])
 def test_decoding_runs_the_shared_block_only_for_tokens_that_continue(kv_policy):
-    model = mor_model({"name": "expert_choice"}, kv_policy)
+    model = mor_model(EXPERT, kv_policy)
     seen = count_shared_tokens(model)
     per_step = len(model.plan.steps[0])
     tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -52,18 +54,31 @@ def test_decoding_runs_the_shared_block_only_for_tokens_that_continue(kv_policy)
 
 
 def test_generate_reports_each_generated_tokens_depth():
-    model = mor_model({"name": "expert_choice"}, "recursion_wise")
+    model = mor_model(EXPERT, "recursion_wise")
     result = generate(model, [[3, 17, 8, 42]], SamplingConfig(max_new_tokens=6, greedy=True))
     assert len(result.depths[0]) == 5 and all(0 <= d <= NUM_STEPS for d in result.depths[0])
 
 
 def test_a_batch_gathers_only_the_rows_that_continue():
-    model = mor_model({"name": "expert_choice"}, "recursion_wise")
+    model = mor_model(EXPERT, "recursion_wise")
     seen = count_shared_tokens(model)
     cache = model.new_cache(4, 8)
     tokens = torch.tensor([[3], [17], [8], [42]])
-    out = model(tokens, cache=cache)
+    with torch.no_grad():
+        out = model(tokens, cache=cache)
     per_step = len(model.plan.steps[0])
     reached = [int(sel.sum()) for sel in out.stats.selected_per_step]
     expected = [n for n in reached if n > 0 for _ in range(per_step)]
     assert seen == expected and len(set(reached)) > 1
+
+
+def test_with_gradients_an_empty_step_still_runs_so_every_process_calls_the_same_modules():
+    model = mor_model(EXPERT, "recursion_wise")
+    seen = count_shared_tokens(model)
+    with torch.no_grad():
+        model.router.heads[0].bias.fill_(1e3)  # every token runs the first step
+        for head in model.router.heads[1:]:
+            head.bias.fill_(-1e3)  # and none continues past it
+    model(torch.tensor([[3, 17, 8, 42]]), training_rule=False).logits_BTV.sum().backward()
+    assert seen == [4, 0, 0]
+    assert all(head.weight.grad is not None for head in model.router.heads)

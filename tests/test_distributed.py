@@ -3,8 +3,8 @@
 Two processes with ``grad_accum=1`` run exactly the micro-batches that one process with ``grad_accum=2``
 runs (micro-batch j = accumulation step x world size + rank), so the only difference is the order in which
 gradients are summed (all-reduce / reduce-scatter vs. accumulation). The tolerance is therefore float32
-rounding carried through a few AdamW steps: |loss difference| <= 1e-4 nats at every step (observed
-differences are ~1e-6).
+rounding carried through a few AdamW steps: |loss difference| <= 1e-4 nats at every step (on CPU with gloo
+the curves have come out identical, difference 0.0, for both DDP and FSDP2).
 """
 
 from __future__ import annotations

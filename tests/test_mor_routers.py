@@ -240,9 +240,11 @@ def test_inference_rule_is_sigmoid_above_one_half_and_data_dependent():
     router = expert_router()
     hidden = hidden_with([1.5, 0.0, -2.5, 0.2])
     active = torch.tensor([[True, True, True, False]])
-    decision = router.route(hidden, context(hidden, step=1, training=False, active=active))
+    decision = router.route(hidden, context(hidden, step=1, capacity=2 / 3, training=False, active=active))
     assert decision.num_selected is None and decision.max_selected is None
     assert decision.selected_BT[0].tolist() == [True, False, False, False]
+    full = router.route(hidden, context(hidden, step=1, capacity=1.0, training=False, active=active))
+    assert full.selected_BT[0].tolist() == [True, True, True, False]  # top-k at capacity 1 keeps all active
 
 
 def test_aux_router_trains_on_detached_states_and_decides_at_inference():
@@ -253,7 +255,7 @@ def test_aux_router_trains_on_detached_states_and_decides_at_inference():
     decision.aux_losses["router_bce"].backward()
     assert hidden.grad is None and router.heads[1].weight.grad is None
     assert router.aux_heads[1][0].weight.grad.abs().sum() > 0
-    inference = router.route(hidden, context(hidden, step=1, training=False))
+    inference = router.route(hidden, context(hidden, step=1, capacity=0.5, training=False))
     aux_logits = router.aux_heads[1](hidden)[..., 0]
     assert torch.equal(inference.selected_BT, aux_logits > 0)
     torch.testing.assert_close(inference.gate_BT, 0.1 * torch.sigmoid(hidden[..., 0]), **TOL)

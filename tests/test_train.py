@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adaptive import recipe as recipes
-from adaptive.errors import AdaptiveError, CheckpointError, RecipeError
+from adaptive.errors import AdaptiveError, CheckpointError, RecipeError, TrainingError
 from adaptive.plugins import get_registry
 from adaptive.train import checkpoint as ckpt
 from adaptive.train.config import TrainConfig
@@ -234,6 +234,16 @@ def test_a_run_dir_with_another_recipe_is_refused(make, tmp_path):
     assert again.step == 4
 
 
+def test_default_run_dir_and_resume_of_the_newest_run(make, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = make("train.steps=2", "~train.out_dir")
+    first = train(recipe, get_registry())
+    assert first.run_dir.parent == Path("runs") and first.run_dir.name.startswith("tiny-test-")
+    assert f"run dir: {first.run_dir}" in capsys.readouterr().out
+    again = train(recipe, get_registry(), resume=True)
+    assert again.run_dir == first.run_dir and again.step == 2
+
+
 def test_resume_without_a_checkpoint_is_an_error(make):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         train(make(out="empty"), get_registry(), resume=True)
@@ -285,15 +295,26 @@ def test_incomplete_checkpoint_is_a_checkpoint_error(tmp_path):
         ckpt.load_checkpoint(path)
 
 
-def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(make, tmp_path, monkeypatch):
+def nan_loss(out, ce):
+    return ce * float("nan")
+
+
+def nan_gradient(out, ce):
+    """A finite loss whose gradient is NaN (the classic sqrt-of-negative inside a where)."""
+    negative = -out.logits_BTV.float().abs().sum() - 1.0
+    return torch.where(torch.tensor(True), ce, torch.sqrt(negative))
+
+
+@pytest.mark.parametrize("poison, message", [(nan_loss, "loss became nan"), (nan_gradient, "gradient norm became nan")])
+def test_nonfinite_values_stop_and_keep_the_good_checkpoint(make, tmp_path, monkeypatch, poison, message):
     original = Trainer.forward_loss
 
     def poisoned(self, batch, progress):
         out, ce = original(self, batch, progress)
-        return out, ce * float("nan") if self.step >= 6 else ce
+        return out, poison(out, ce) if self.step >= 6 else ce
 
     monkeypatch.setattr(Trainer, "forward_loss", poisoned)
-    with pytest.raises(AdaptiveError, match=r"loss became nan at step 7.*step-00000004"):
+    with pytest.raises(TrainingError, match=rf"{message} at step 7.*step-00000004"):
         train(make("train.log_every=10", "train.eval_every=100"), get_registry())
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4]
 

@@ -39,12 +39,12 @@ class KVStore:
         self.slots: dict[int, Slot] = {}
         self.doc_ids_BS: Tensor | None = None
 
-    def _slot(self, layer: int, like: Tensor) -> Slot:
+    def _slot(self, layer: int, like_k: Tensor, like_v: Tensor) -> Slot:
         slot = self.slots.get(layer)
         if slot is None:
             shape = (self.batch, self.num_kv_heads, self.max_len, self.head_dim)
-            slot = Slot(like.new_zeros(shape), like.new_zeros(shape),
-                        torch.zeros(self.batch, self.max_len, dtype=torch.bool, device=like.device))
+            slot = Slot(like_k.new_zeros(shape), like_v.new_zeros(shape),
+                        torch.zeros(self.batch, self.max_len, dtype=torch.bool, device=like_k.device))
             self.slots[layer] = slot
         return slot
 
@@ -52,7 +52,8 @@ class KVStore:
               rows_R: Tensor | None = None) -> None:
         """Store keys/values at columns ``cols_BK`` (of batch rows ``rows_R``, default all); entries where
         ``mask_BK`` is False are not written."""
-        slot = self._slot(layer, k_BGKE)
+        slot = self._slot(layer, k_BGKE, v_BGKE)
+        k_BGKE, v_BGKE = k_BGKE.to(slot.k_BGSE.dtype), v_BGKE.to(slot.v_BGSE.dtype)
         k_all, v_all, written_all = slot.k_BGSE, slot.v_BGSE, slot.written_BS
         if rows_R is not None:
             k_all, v_all, written_all = (t.index_select(0, rows_R) for t in (k_all, v_all, written_all))

@@ -174,9 +174,11 @@ class RecursionEngine(nn.Module):
             carry, active_BT = decision.carry, selected_BT
             depth_BT = depth_BT + selected_BT.long()
             sel = compact(selected_BT, decision, T)
-            if sel.size == 0:  # no token reaches this step: deeper steps are skipped, nothing is computed
-                self.write_frozen(step, h_BTD, p)  # but the keys/values a cache is owed
+            if sel.size == 0 and not torch.is_grad_enabled():  # inference: no token reaches this step, so
+                self.write_frozen(step, h_BTD, p)  # deeper steps are skipped (only the KV a cache is owed)
                 break
+            # with gradients on, an empty step still runs (on zero tokens): every process of a DDP/FSDP
+            # run must call the same modules in the same order
             wiring = self.wire_step(step, sel, p, h_BTD, valid_BT)
             out_BKD = self.run_layers(self.step_layers[step], sel.gather(h_BTD), wiring, p, aux)
             old_BKD = sel.gather(h_BTD)

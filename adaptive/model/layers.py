@@ -41,7 +41,7 @@ class Rotary(nn.Module):
     def apply(x_BHKE: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         half = x_BHKE.shape[-1] // 2
         rotated = torch.cat([-x_BHKE[..., half:], x_BHKE[..., :half]], dim=-1)
-        return x_BHKE * cos + rotated * sin
+        return (x_BHKE * cos + rotated * sin).to(x_BHKE.dtype)  # autocast: tables may be wider than x
 
     def _apply(self, fn, recurse=True):  # keep inv_freq in float32/float64 when the model is cast
         inv = self.inv_freq

@@ -107,6 +107,15 @@ class AdaptiveLM(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(batch, max_len or self.config.max_seq_len, self.config.num_kv_heads, self.config.head_dim)
 
+    def fsdp_units(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """FSDP2 units below the root, each with the methods through which the engine runs it: the
+        engine calls a layer's attention projections and FFN directly, never ``Layer.forward``."""
+        units = []
+        for layer in self.engine.layers:
+            units.append((layer.attn, ("queries", "keys_values", "output")))
+            units.append((layer.ffn, ("forward",)))
+        return units
+
     def after_optimizer_step(self, stats: RoutingStats) -> None:
         self.engine.router.after_optimizer_step(stats)
 

@@ -122,16 +122,8 @@ class TrainData:
 
 
 def build_source(data: DataConfig, registry: Registry):
-    """The recipe's DataSource, told the validation fraction when its constructor accepts it."""
-    import inspect
-    import warnings
-
-    reg = registry.get("dataset", data.source.name)
-    config = reg.cls.Config.model_validate(data.source.options())
-    if "validation_fraction" in inspect.signature(reg.cls.__init__).parameters:
-        return reg.cls.from_config(config, validation_fraction=data.validation_fraction)
-    warnings.warn(f"data.validation_fraction is ignored: dataset {data.source.name!r} splits its documents itself")
-    return reg.cls.from_config(config)
+    """The recipe's DataSource, told the validation fraction."""
+    return registry.build("dataset", data.source, validation_fraction=data.validation_fraction)
 
 
 def load_data(data: DataConfig, tok_cfg: TokenizerConfig, registry: Registry, seed: int) -> TrainData:

@@ -2,7 +2,7 @@
 
 Launch with ``torchrun --nproc-per-node N -m adaptive train RECIPE``; ``train.distributed.strategy``
 picks ``ddp`` or ``fsdp2`` (``fully_shard`` on the parts of each physical layer block, then on the root;
-see ``fsdp_units``).
+see ``AdaptiveLM.fsdp_units``).
 
 Contract with the model (and its routers) for routing state that lives outside autograd:
 after every optimizer step the trainer calls ``model.after_optimizer_step(stats)`` on the unwrapped
@@ -84,29 +84,10 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def public_methods(module: nn.Module) -> tuple[str, ...]:
-    """Public methods a module's own classes define (up to, not including, nn.Module)."""
-    names = []
-    for cls in type(module).__mro__:
-        if cls is nn.Module or not issubclass(cls, nn.Module):
-            break
-        names += [n for n, v in vars(cls).items() if callable(v) and not n.startswith("_") and n not in names]
-    return tuple(names)
-
-
 def fsdp_units(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
-    """FSDP2 units below the root, each with the methods through which the model runs its parameters.
-
-    A model may say so itself with ``fsdp_units()``. Otherwise: each parameter-holding child of every
-    physical layer block (the modules of a ModuleList named ``layers``), with the public methods its class
-    defines, since the recursion engine calls e.g. ``attn.queries`` rather than the block's ``forward``.
-    """
-    if hasattr(model, "fsdp_units"):
-        return list(model.fsdp_units())
-    blocks = [block for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList)
-              and name.rsplit(".", 1)[-1] == "layers" for block in mod]
-    return [(child, public_methods(child)) for block in blocks for child in block.children()
-            if any(True for _ in child.parameters())]
+    """FSDP2 units below the root, with the methods through which the model runs their parameters
+    (``AdaptiveLM.fsdp_units``)."""
+    return list(model.fsdp_units())
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from adaptive.errors import AdaptiveError, RecipeError
+from adaptive.errors import RecipeError, TrainingError
 from adaptive.interfaces import RoutingStats
 from adaptive.recipe import Recipe
 from adaptive.registry import Registry
@@ -32,6 +32,7 @@ from adaptive.train import checkpoint as ckpt
 from adaptive.train import distributed as D
 from adaptive.train.data import Batch, TrainData, load_data, unigram_entropy
 from adaptive.train.metrics import MetricsWriter, ProgressView, StepAccumulator, is_finite, routing_summary
+from adaptive.train.tokenizer import TOKENIZER_FILE, atomic_write_bytes
 from adaptive.train.rundir import prepare_run_dir
 from adaptive.train.schedule import apply_lr
 
@@ -154,6 +155,8 @@ class Trainer:
         random.seed(recipe.seed)
         with D.main_first(info):
             self.data: TrainData = load_data(recipe.data, recipe.tokenizer, registry, recipe.seed)
+        if info.is_main:  # generation and evaluation read the tokenizer from the run directory
+            atomic_write_bytes(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.tok.to_str().encode())
         self.micro = self.micro_batch_size()
         self.build_model()
         self.total, self.flops_per_token = total_steps(recipe, registry, self.data.tokenizer.vocab_size)
@@ -255,15 +258,15 @@ class Trainer:
             stats.append(out.stats)
         for name, value in aux.items():
             self.acc.add(f"aux/{name}", value)
-        if cfg.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
-            self.acc.add("grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor (FSDP2)
+        # the norm is always computed (an infinite limit scales by exactly 1): a non-finite one stops the run
+        norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip or float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
         self.lr = apply_lr(self.optimizer, self.step, self.total, cfg)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         merged = merge_stats(stats)
         self.model.after_optimizer_step(merged)
-        self.acc.add_loss(ce_total)
+        self.acc.add_step(ce_total, norm)
         self.acc.add_stats(merged)
         self.acc.tokens += cfg.batch_size * self.recipe.data.seq_len
         self.step += 1
@@ -280,17 +283,12 @@ class Trainer:
         losses = torch.stack(acc.losses)
         D.all_reduce_(losses, self.info)
         values = (losses / self.info.world).tolist()
-        first_step = self.step - len(values) + 1
-        if not is_finite(values):
-            bad = first_step + next(i for i, v in enumerate(values) if not math.isfinite(v))
-            last = ckpt.latest_checkpoint(self.run_dir)
-            raise AdaptiveError(f"training stopped: the loss became {values[bad - first_step]} at step {bad}. "
-                                f"Nothing was saved after it; the last good checkpoint is {last or 'none'}. "
-                                "Lower train.lr, keep train.grad_clip set, or try train.dtype=float32.")
+        norms = torch.stack(acc.grad_norms).tolist()
+        self.check_finite(values, norms)
         seconds = time.perf_counter() - acc.started
         self.elapsed += seconds
-        record = {"step": self.step, "loss": sum(values) / len(values), "lr": self.lr,
-                  "tokens": self.tokens, "tok_per_s": acc.tokens / max(seconds, 1e-9)}
+        record = {"step": self.step, "loss": sum(values) / len(values), "lr": self.lr, "tokens": self.tokens,
+                  "tok_per_s": acc.tokens / max(seconds, 1e-9), "grad_norm": sum(norms) / len(norms)}
         if len(values) == 1:
             record["loss"] = values[0]
         if self.flops_per_token is not None:
@@ -303,6 +301,18 @@ class Trainer:
         self.metrics.write(record)
         self.log.update(record, self.total)
         acc.reset()
+
+    def check_finite(self, losses: list[float], norms: list[float]) -> None:
+        """Stop before anything is saved when a step's loss or gradient norm is NaN or infinite."""
+        if is_finite(losses) and is_finite(norms):
+            return
+        first_step = self.step - len(losses) + 1
+        i = next(i for i, (a, b) in enumerate(zip(losses, norms)) if not (math.isfinite(a) and math.isfinite(b)))
+        what = f"loss became {losses[i]}" if not math.isfinite(losses[i]) else f"gradient norm became {norms[i]}"
+        last = ckpt.latest_checkpoint(self.run_dir)
+        raise TrainingError(f"training stopped: the {what} at step {first_step + i}. Nothing was saved after it; "
+                            f"the last good checkpoint is {last or 'none'}. Lower train.lr, keep train.grad_clip set, "
+                            "or try train.dtype=float32.")
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -32,14 +32,16 @@ class StepAccumulator:
 
     def reset(self) -> None:
         self.losses: list[Tensor] = []  # one cross-entropy per optimizer step (mean over micro-batches)
+        self.grad_norms: list[Tensor] = []  # the global gradient norm of each optimizer step
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self.depth_hist: Tensor | None = None
         self.tokens = 0
         self.started = time.perf_counter()
 
-    def add_loss(self, ce: Tensor) -> None:
+    def add_step(self, ce: Tensor, grad_norm: Tensor) -> None:
         self.losses.append(ce.detach().float())
+        self.grad_norms.append(grad_norm.detach().float())
 
     def add(self, name: str, value: Tensor) -> None:
         value = value.detach().float()
@@ -126,7 +128,9 @@ class ProgressView:
 
     def update(self, record: dict[str, Any], total: int) -> None:
         info = describe(record)
-        if self.bar is not None:
+        if self.bar is not None and "val_loss" in record:
+            self.console.print(f"step {record['step']}/{total}  {info}", highlight=False, soft_wrap=True)  # stays
+        elif self.bar is not None:
             self.bar.update(self.task, info=info)
         elif self.lines:
             self.console.print(f"step {record['step']}/{total}  {info}", highlight=False, soft_wrap=True)

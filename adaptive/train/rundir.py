@@ -18,6 +18,7 @@ from adaptive.errors import CheckpointError
 from adaptive.recipe import Recipe
 from adaptive.train import checkpoint as ckpt
 from adaptive.train import distributed as D
+from adaptive.train.tokenizer import atomic_write_bytes
 
 RUNS_ROOT = Path("runs")
 MUST_MATCH = ("name", "seed", "model", "data", "tokenizer")
@@ -61,7 +62,7 @@ def check_compatible(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         raise CheckpointError(f"{run_dir}: has checkpoints but no recipe.yaml; it is not a run directory of this tool")
     saved = yaml.safe_load(saved_path.read_text())
     current = recipe.model_dump(mode="json")
-    changed = differences(saved, current)
+    changed = [k for k in differences(saved, current) if k != "train.out_dir"]  # the same dir, spelled differently
     fixed = [k for k in changed if k.split(".")[0] in MUST_MATCH]
     if not resume and changed:
         raise CheckpointError(f"train.out_dir: {run_dir} already holds a run of a different recipe (differs at: "
@@ -88,7 +89,7 @@ def prepare_run_dir(recipe: Recipe, info: D.DistInfo, resume: bool) -> tuple[Pat
         run_dir.mkdir(parents=True, exist_ok=True)
         if latest is None and (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()  # a previous attempt that never reached a checkpoint
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        atomic_write_bytes(run_dir / "recipe.yaml", recipe.to_yaml().encode())
         decision = [str(run_dir), str(latest) if latest else None]
     if info.strategy != "none":
         import torch.distributed as dist

@@ -22,6 +22,9 @@ EOT = "<|endoftext|>"
 SEPARATOR_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
 
 
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer a run directory keeps beside its recipe
+
+
 def cache_root(data: DataConfig) -> Path:
     """The cache directory: ``data.cache_dir``, else ``$ADAPTIVE_CACHE``, else ``~/.cache/adaptive``."""
     raw = data.cache_dir or os.environ.get("ADAPTIVE_CACHE") or "~/.cache/adaptive"

@@ -37,9 +37,8 @@ def split_by_key(keyed: list[tuple[str, str]], split: Split, fraction: float, wh
 class SplitSource(DataSource):
     """A DataSource that reads ``(key, text)`` pairs once and splits them by key hash."""
 
-    def __init__(self, config: ComponentConfig, *, validation_fraction: float = 0.05):
-        super().__init__(config)
-        self.validation_fraction = validation_fraction
+    def __init__(self, config: ComponentConfig, *, validation_fraction: float):
+        super().__init__(config, validation_fraction=validation_fraction)
         self._keyed: list[tuple[str, str]] | None = None
 
     def keyed_documents(self) -> list[tuple[str, str]]:

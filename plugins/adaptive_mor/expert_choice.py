@@ -103,7 +103,8 @@ class ExpertChoiceRouter(Router):
         if self.aux_heads is not None:
             causal_BT = upcast(self.aux_heads[ctx.step](hidden_BTD.detach()))[..., 0]
         if not ctx.training_rule:
-            selected_BT = ctx.active_BT & (causal_BT > 0)  # sigmoid(logit) > 0.5
+            # sigmoid(logit) > 0.5; at full capacity top-k keeps every active token, so the rule does too
+            selected_BT = ctx.active_BT if ctx.capacity >= 1.0 else ctx.active_BT & (causal_BT > 0)
             metrics = {"selected_frac": masked_mean(selected_BT.float(), ctx.valid_BT)}
             return RouteDecision(selected_BT, gate_BT, logits_BT=logit_BT, metrics=metrics)
         return self.route_top_k(raw_BTC, logit_BT, gate_BT, causal_BT, ctx)
