@@ -17,15 +17,6 @@ from adaptive.train.data import PackedRows, doc_layout, load_data, sequence_indi
 from adaptive_base.datasets import WikiOffline, split_by_key
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: pytest-xdist runs two workers on two cores (oversubscription is ~7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def source(name: str, fraction: float = 0.1, **options):
     return get_registry().build("dataset", ComponentSpec(name=name, **options), validation_fraction=fraction)
 

@@ -19,15 +19,6 @@ from adaptive.plugins import get_registry, register_plugin, unregister_plugin
 from adaptive.registry import ComponentSpec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models: one thread is several times faster than two contended ones (pytest -n 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 V = 67
 TOL = dict(atol=1e-10, rtol=0)
 

@@ -17,15 +17,6 @@ from adaptive.plugins import get_registry
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models: one thread is several times faster than two contended ones (pytest -n 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_checkpoint(path, seed=0, **overrides):
     """A small random LlamaForCausalLM saved with save_pretrained (safetensors); no download."""
     kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,

@@ -34,15 +34,6 @@ def recursion_block(model) -> list[int]:
     return [layer for step in model.engine.step_layers for layer in step]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models run ~100x slower when intra-op threads contend with the other test worker."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- declarations
 
 

@@ -23,15 +23,6 @@ TOL = dict(atol=1e-12, rtol=0)
 # ----------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: under pytest -n 2 on two cores, extra intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_router(name: str, num_steps: int = R, **options):
     router = get_registry().build("router", ComponentSpec(name=name, **options), d_model=D, num_steps=num_steps)
     return router.double()

@@ -57,15 +57,6 @@ SCHEDULER_COMBOS = combinations(axes=("depth_scheduler", "router"), fixed={"shar
 BACKEND_COMBOS = combinations(axes=("attention", "router"), fixed={"sharing": "middle_cycle", "kv_policy": "full"})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models run ~100x slower when intra-op threads contend with the other test worker."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- every combination
 
 

@@ -16,15 +16,6 @@ from adaptive.plugins import get_registry
 from adaptive.registry import ComponentSpec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models: one thread is several times faster than two contended ones (pytest -n 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 FORMULAS = {
     "cycle": lambda l, L, n: l % (L // n),
     "sequence": lambda l, L, n: l // n,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adaptive import recipe as recipes
-from adaptive.errors import AdaptiveError, CheckpointError, RecipeError, TrainingError
+from adaptive.errors import CheckpointError, RecipeError, TrainingError
 from adaptive.plugins import get_registry
 from adaptive.train import checkpoint as ckpt
 from adaptive.train.config import TrainConfig
@@ -48,15 +48,6 @@ def make(tmp_path, monkeypatch, shared_cache):
         return recipes.load(path, [f"train.out_dir={tmp_path / out}", *overrides], get_registry())
 
     return build
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: pytest-xdist runs two workers on two cores (oversubscription is ~7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def records(run_dir: Path) -> list[dict]:
