@@ -31,7 +31,6 @@ from adaptive.interfaces import (
 )
 from adaptive.model.block import Layer, Norms
 from adaptive.model.cache import KVStore
-from adaptive.model.layers import Rotary
 
 Tensor = torch.Tensor
 
@@ -329,7 +328,3 @@ def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
         return b
     return a if b is None else a & b
-
-
-def rotary_tables(rotary: Rotary, position_ids_BT: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return rotary.cos_sin(position_ids_BT, dtype)
