@@ -330,3 +330,21 @@ def test_sigterm_from_outside_saves_and_exits_cleanly(tmp_path):
     end = [r for r in records(out) if r.get("event") == "end"][-1]
     assert end["interrupted"] == "SIGTERM" and end["step"] < 400
     assert ckpt.latest_checkpoint(out).name == f"step-{end['step']:08d}"
+
+
+CPU_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CPU_RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_cpu_recipe_trains(path, tmp_path, monkeypatch, shared_cache):
+    """Each recipe's own components, shrunk to a micro shape on the stdlib corpus, run 3 steps end to end."""
+    monkeypatch.setenv("ADAPTIVE_CACHE", str(shared_cache))
+    small = ["model.preset=micro", "model.num_layers=8", "model.d_model=64", "model.d_ffn=128",
+             "data.source={name: pydoc_topics}", "data.seq_len=32", "tokenizer.vocab_size=300",
+             "train.steps=3", "train.batch_size=4", "train.eval_every=3", "train.eval_batches=1",
+             "train.checkpoint_every=3", "train.progress_bar=false", f"train.out_dir={tmp_path / 'run'}"]
+    recipe = recipes.load(path, small, get_registry())
+    train(recipe, get_registry())
+    finished = [r for r in records(tmp_path / "run") if "val_loss" in r]
+    assert finished and all(torch.isfinite(torch.tensor(r["val_loss"])) for r in finished)
+    assert ckpt.latest_checkpoint(tmp_path / "run") is not None
