@@ -321,7 +321,9 @@ class TwoDocs(DataSource):
 def test_register_datasets_named_by_the_data_section():
     register_plugin(Plugin(register_datasets=registers(TwoDocs)), "two_docs_plugin")
     recipe = check({"model": MICRO, "data": {"source": {"name": "two_docs"}}})
-    source = get_registry().build("dataset", recipe.data.source)
+    from adaptive.train.data import build_source
+
+    source = build_source(recipe.data, get_registry())
     assert source.documents("train") == ["first document"]
     assert problems_of({"model": MICRO, "data": {"source": {"name": "two_doc"}}})[0].startswith(
         "data.source.name: unknown dataset 'two_doc'; did you mean 'two_docs'?")
