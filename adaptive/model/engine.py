@@ -179,8 +179,8 @@ class RecursionEngine(nn.Module):
             # with gradients on, an empty step still runs (on zero tokens): every process of a DDP/FSDP
             # run must call the same modules in the same order
             wiring = self.wire_step(step, sel, p, h_BTD, valid_BT)
-            out_BKD = self.run_layers(self.step_layers[step], sel.gather(h_BTD), wiring, p, aux)
             old_BKD = sel.gather(h_BTD)
+            out_BKD = self.run_layers(self.step_layers[step], old_BKD, wiring, p, aux)
             new_BKD = self.router.combine(old_BKD, out_BKD, sel.gather(decision.gate_BT), sel.gather(first_BTD), step)
             if sel.qvalid_BK is not None:
                 new_BKD = torch.where(sel.qvalid_BK[..., None], new_BKD, old_BKD)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive.interfaces import ModelOutput, RoutingStats
+from adaptive.interfaces import Component, ModelOutput, RoutingStats
 from adaptive.model.block import Layer, Norms
 from adaptive.model.cache import KVCache, KVStore
 from adaptive.model.config import ModelConfig
@@ -56,12 +56,17 @@ class AdaptiveLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every linear and embedding; then components (routers, FFNs) that
+        define their own ``reset_parameters`` apply it, so their chosen init is never overridden."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, Component) and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
 
     @property
     def router(self):

@@ -83,3 +83,19 @@ def test_linear_threshold_keeps_every_property():
     with components_registered(LinearThresholdRouter):  # a no-op when the plugin is installed
         parts = {"sharing": "middle_cycle", "router": "linear_threshold", "kv_policy": "recursion_wise"}
         check_all(micro_config(parts, num_recursions=3))
+
+
+def test_initial_keep_survives_building_a_model():
+    """The host's generic init must not override the router's own (its bias sets the initial keep rate)."""
+    import math
+
+    from adaptive.model import ModelConfig, build_model
+    from adaptive.plugins import get_registry
+    from adaptive.testing import components_registered
+
+    with components_registered(LinearThresholdRouter):
+        cfg = ModelConfig(preset="micro", num_layers=5, num_recursions=3, sharing={"name": "middle_cycle"},
+                          router={"name": "linear_threshold", "initial_keep": 0.8})
+        model = build_model(cfg, get_registry())
+    for scorer in model.router.scorers:
+        assert torch.allclose(scorer.bias, torch.full_like(scorer.bias, math.log(0.8 / 0.2)))
