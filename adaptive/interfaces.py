@@ -155,6 +155,7 @@ class Router(Component, nn.Module):
 
     kind: ClassVar[str] = "router"
     causal_in_training: ClassVar[bool] = True
+    uses_capacity: ClassVar[bool] = True  # False: RouteContext.capacity is ignored (a schedule has no effect)
 
     def __init__(self, config: ComponentConfig, *, d_model: int, num_steps: int):
         nn.Module.__init__(self)

@@ -471,3 +471,10 @@ def test_capacity_warmup_drives_the_expert_choice_counts():
     model.train()
     counts = [s.sum(1).tolist() for s in model(tokens(1, 12), progress=0.25).stats.selected_per_step]
     assert counts == [[12], [10], [8]]  # capacities 1, 5/6, 2/3
+
+
+def test_a_capacity_schedule_beside_a_router_that_ignores_capacity_warns():
+    cfg = ModelConfig(preset="micro", num_layers=5, num_recursions=3, sharing={"name": "middle_cycle"},
+                      router={"name": "token_choice"}, depth_scheduler={"name": "capacity_warmup"})
+    with pytest.warns(UserWarning, match="depth_scheduler='capacity_warmup' is ignored"):
+        build_model(cfg, get_registry())

@@ -35,6 +35,9 @@ class AdaptiveLM(nn.Module):
             warnings.warn(f"model.router={config.router.name!r} is ignored: sharing {config.sharing.name!r} has no recursion steps")
         router = registry.build("router", config.router, d_model=config.d_model, num_steps=max(self.plan.num_steps, 1))
         scheduler = registry.build("depth_scheduler", config.depth_scheduler)
+        if self.plan.steps and not router.uses_capacity and config.depth_scheduler.name != "constant":
+            warnings.warn(f"model.depth_scheduler={config.depth_scheduler.name!r} is ignored: router "
+                          f"{config.router.name!r} does not use step capacities")
         backend = registry.build("attention_backend", config.attention)
         layers = nn.ModuleList(
             Layer(config.d_model, config.num_heads, config.num_kv_heads,

@@ -12,6 +12,7 @@ class AllTokens(Router):
 
     name = "all"
     Config = ComponentConfig
+    uses_capacity = False
 
     def route(self, hidden_BTD: torch.Tensor, ctx: RouteContext) -> RouteDecision:
         B, T, _ = hidden_BTD.shape

@@ -65,6 +65,7 @@ class TokenChoiceRouter(Router):
     name = "token_choice"
     Config = TokenChoiceConfig
     causal_in_training = True
+    uses_capacity = False  # each token's depth comes from its own router scores
 
     def __init__(self, config: TokenChoiceConfig, *, d_model: int, num_steps: int):
         super().__init__(config, d_model=d_model, num_steps=num_steps)

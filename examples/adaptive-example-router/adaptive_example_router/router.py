@@ -31,6 +31,7 @@ class LinearThresholdRouter(Router):
     name = "linear_threshold"
     Config = LinearThresholdConfig
     causal_in_training = True
+    uses_capacity = False  # a token continues on its own score; capacity schedules do not apply
 
     def __init__(self, config: LinearThresholdConfig, *, d_model: int, num_steps: int):
         super().__init__(config, d_model=d_model, num_steps=num_steps)
