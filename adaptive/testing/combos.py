@@ -64,6 +64,10 @@ def skip_reason(parts: dict[str, str], registry: Registry, probe: bool = True) -
         reason = cls.incompatible_with(classes)
         if reason:
             return f"{MODEL_COMPONENTS[key]} {cls.name!r} declares it cannot serve beside {_describe(parts)}: {reason}"
+    router, scheduler = classes.get("router"), parts.get("depth_scheduler")
+    if router is not None and not router.uses_capacity and scheduler not in (None, _default("depth_scheduler")):
+        return (f"router {router.name!r} does not use step capacities, so depth_scheduler {scheduler!r} would have "
+                f"no effect (its combination with depth_scheduler={_default('depth_scheduler')!r} runs instead)")
     try:
         config = micro_config(parts, registry=registry)
     except ValueError as exc:
