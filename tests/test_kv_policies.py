@@ -111,7 +111,7 @@ def test_written_slots_are_the_routed_tokens(name):
             if writes == "none":
                 assert layer not in cache.slots
                 continue
-            written_BT = cache.slots[layer].written_BS[:, :24]
+            written_BT = cache.written(layer, 24)
             expected_BT = out.stats.selected_per_step[step] if writes == "selected" else torch.ones_like(written_BT)
             assert torch.equal(written_BT, expected_BT), (name, step, layer)
 
@@ -235,3 +235,36 @@ def test_training_forward_backpropagates_through_every_step(name):
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     shared = model.engine.layers[model.engine.physical_of[model.engine.step_layers[0][0]]]
     assert shared.attn.k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_recursions", [2, 3, 4])
+def test_the_decoding_cache_allocates_only_what_each_step_stores(num_recursions):
+    """Memory, not just entries: the compact cache's slots over the recursion block hold (N_r+1)/(2N_r) of
+    full's bytes after a top-k prefill, and 1/N_r under recursive sharing; decoding then grows them."""
+    length = 120
+    allocated = {}
+    for name in ("full", "recursion_wise", "recursive_sharing"):
+        model, cache, _, _ = prefill_entries(name, num_recursions, 1, length, seed=3)
+        block = [layer for layers in model.engine.step_layers for layer in layers]
+        allocated[name] = cache.bytes_allocated(block)
+        entry_bytes = cache.bytes_per_entry()
+        assert allocated[name] >= int(cache.entries_written(block)) * entry_bytes
+    trash = (1 + 1 / length)  # each slot keeps one extra entry for masked-out writes
+    assert allocated["recursion_wise"] / allocated["full"] == pytest.approx(
+        (num_recursions + 1) / (2 * num_recursions), rel=0.02 * trash)
+    assert allocated["recursive_sharing"] / allocated["full"] == pytest.approx(1 / num_recursions, rel=0.02)
+
+
+def test_decoding_grows_slots_and_keeps_every_entry():
+    model = mor_model("recursion_wise", 3, seed=4)
+    cache = model.new_cache(1, 128)
+    tokens_BT = torch.randint(0, model.vocab_size, (1, 110), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(tokens_BT[:, :20], cache=cache)
+        before = {layer: slot.capacity for layer, slot in cache.slots.items()}
+        for t in range(20, 110):  # entries are appended, so slots grow in chunks as decoding goes on
+            model(tokens_BT[:, t:t + 1], cache=cache)
+    assert any(slot.capacity > before.get(layer, 0) for layer, slot in cache.slots.items())
+    for slot in cache.slots.values():
+        assert int(slot.lens_B.max()) <= slot.capacity <= 128
+        assert int((slot.cols_BC >= 0).sum()) == int(slot.lens_B.sum())

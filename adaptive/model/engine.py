@@ -298,13 +298,13 @@ class RecursionEngine(nn.Module):
             dense_BTD = sel.scatter(w.dense_hidden, x_BKD)
             k_BGTE, v_BGTE = weights.attn.keys_values(norms.attn_norm(dense_BTD), p.cos_BT, p.sin_BT)
             store.write(logical, cols_BT, k_BGTE, v_BGTE, p.valid_BT)
-        k_BGSE, v_BGSE, written_BS = store.read(self.read_slots(logical, w.reads), p.offset + T, sel.rows_R)
-        S = k_BGSE.shape[2]
-        col_S = torch.arange(S, device=x_BKD.device)
-        allowed_BKS = written_BS[:, None, :] & (col_S[None, None, :] <= cols_BK[:, :, None])
+        k_BGSE, v_BGSE, present_BS, key_cols_BS = store.read(self.read_slots(logical, w.reads), p.offset + T, sel.rows_R)
+        allowed_BKS = present_BS[:, None, :] & (key_cols_BS[:, None, :] <= cols_BK[:, :, None])
         if store.doc_ids_BS is not None:
-            allowed_BKS = allowed_BKS & (sel.rows(store.doc_ids_BS)[:, None, :S] == sel.gather(p.doc_ids_BT)[:, :, None])
-        allowed_BKS = ensure_nonempty(allowed_BKS, col_S[None, None, :] == cols_BK[:, :, None])
+            key_docs_BS = sel.rows(store.doc_ids_BS).gather(1, key_cols_BS.clamp(min=0))
+            allowed_BKS = allowed_BKS & (key_docs_BS[:, None, :] == sel.gather(p.doc_ids_BT)[:, :, None])
+        first_S = torch.arange(k_BGSE.shape[2], device=x_BKD.device) == 0
+        allowed_BKS = ensure_nonempty(allowed_BKS, first_S[None, None, :])
         return self.backend.attend(q_BHKE, k_BGSE, v_BGSE, allowed_BQS=allowed_BKS, causal=False)
 
     def read_slots(self, logical: int, reads: tuple[int, ...]) -> tuple[int, ...]:
@@ -318,8 +318,8 @@ class RecursionEngine(nn.Module):
 
 
 def ensure_nonempty(allowed_BQS: Tensor, fallback_BQS: Tensor) -> Tensor:
-    """Give each query row with no allowed key its fallback entry (its own column), so attention never
-    produces NaN; such rows belong to padding and their outputs are discarded."""
+    """Give each query row with no allowed key its fallback entry, so attention never produces NaN; such
+    rows belong to padding (or a gathered surplus slot) and their outputs are discarded."""
     lonely_BQ1 = ~allowed_BQS.any(-1, keepdim=True)
     return allowed_BQS | (lonely_BQ1 & fallback_BQS)
 
