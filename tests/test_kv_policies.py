@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adaptive.interfaces import RouteContext
+from adaptive.model import next_token_loss
 from adaptive.plugins import get_registry
 from adaptive.testing import as_model, micro_config, run
 
@@ -230,7 +231,7 @@ def test_training_forward_backpropagates_through_every_step(name):
     tokens_BT = torch.randint(0, model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     out = model(tokens_BT)
     assert len(out.stats.selected_per_step) == 3 and out.stats.selected_per_step[2].sum() == 2 * 4
-    model.loss(out, tokens_BT).backward()
+    (next_token_loss(out.logits_BTV[:, :-1], tokens_BT[:, 1:]) + out.aux_loss).backward()
     for head in model.router.heads:
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     shared = model.engine.layers[model.engine.physical_of[model.engine.step_layers[0][0]]]

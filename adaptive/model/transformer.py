@@ -139,14 +139,10 @@ class AdaptiveLM(nn.Module):
                           for l, phys in enumerate(engine.physical_of))
         return total - size(engine.layers) - size(engine.norms) + per_logical
 
-    def loss(self, out: ModelOutput, targets_BT: Tensor, mask_BT: Tensor | None = None) -> Tensor:
-        """Next-token cross-entropy (targets already shifted), masked, plus the auxiliary losses."""
-        ce = F.cross_entropy(out.logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), reduction="none")
-        if mask_BT is not None:
-            ce = (ce * mask_BT.flatten()).sum() / mask_BT.sum().clamp(min=1)
-        else:
-            ce = ce.mean()
-        return ce + out.aux_loss
+
+def next_token_loss(logits_BTV: Tensor, targets_BT: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of the (already shifted) next-token targets, computed in float32."""
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), reduction=reduction)
 
 
 def build_model(config: ModelConfig, registry: Registry, vocab_size: int | None = None) -> AdaptiveLM:

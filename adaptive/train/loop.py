@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from adaptive.errors import RecipeError, TrainingError
 from adaptive.interfaces import RoutingStats
+from adaptive.model.transformer import next_token_loss
 from adaptive.recipe import Recipe
 from adaptive.registry import Registry
 from adaptive.train import checkpoint as ckpt
@@ -239,7 +239,7 @@ class Trainer:
         with self.autocast():
             out = self.wrapped(batch.inputs_BT, position_ids_BT=batch.position_ids_BT, doc_ids_BT=batch.doc_ids_BT,
                                progress=progress)
-            ce = F.cross_entropy(out.logits_BTV.flatten(0, 1).float(), batch.targets_BT.flatten())
+            ce = next_token_loss(out.logits_BTV, batch.targets_BT)
         return out, ce
 
     def train_step(self) -> None:
@@ -327,7 +327,7 @@ class Trainer:
                 batch = self.data.validation.batch(chunk).to(self.info.device)
                 with self.autocast():
                     out = model(batch.inputs_BT, position_ids_BT=batch.position_ids_BT, doc_ids_BT=batch.doc_ids_BT)
-                ce = F.cross_entropy(out.logits_BTV.flatten(0, 1).float(), batch.targets_BT.flatten(), reduction="sum")
+                ce = next_token_loss(out.logits_BTV, batch.targets_BT, reduction="sum")
                 total += torch.stack([ce.double(), torch.tensor(batch.num_tokens, dtype=torch.float64, device=ce.device)])
                 depth.add_stats(out.stats)
         model.train()
@@ -345,7 +345,7 @@ class Trainer:
     def start_records(self) -> None:
         m = self.model
         self.metrics.write({"event": "start", "recipe": self.recipe_path, "run_dir": str(self.run_dir),
-                            "params": m.num_params() if hasattr(m, "num_params") else sum(p.numel() for p in m.parameters()),
+                            "params": m.num_params(),
                             "total_steps": self.total, "processes": self.info.world, "strategy": self.info.strategy,
                             "device": str(self.info.device)})
         self.metrics.write({"event": "data", "source": self.data.description, "train_sequences": len(self.data.train),
