@@ -30,14 +30,16 @@ class Slot:
 
 
 class KVStore:
-    """Per-logical-layer keys/values over ``max_len`` columns, allocated on first write."""
+    """Per-logical-layer keys/values over ``max_len`` columns (dense), allocated on first write and written
+    out of place, so gradients flow through one training forward."""
 
-    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, persistent: bool):
+    persistent = False  # lives across forwards (the decoding cache) or only within one
+
+    def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int):
         self.batch = batch
         self.max_len = max_len
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.persistent = persistent
         self.length = 0  # columns filled by earlier forwards (host int: advanced by the model, never read from a tensor)
         self.slots: dict[int, Slot] = {}
         self.doc_ids_BS: Tensor | None = None
@@ -69,17 +71,9 @@ class KVStore:
             written = mask_BK | written_all.gather(1, cols_BK)
         else:
             written = torch.ones_like(cols_BK, dtype=torch.bool)
-        if self.persistent and rows_R is None:
-            slot.k_BGSE.scatter_(2, index, k_BGKE)
-            slot.v_BGSE.scatter_(2, index, v_BGKE)
-            slot.written_BS.scatter_(1, cols_BK, written)
-            return
         updated = (k_all.scatter(2, index, k_BGKE), v_all.scatter(2, index, v_BGKE), written_all.scatter(1, cols_BK, written))
         if rows_R is None:
             slot.k_BGSE, slot.v_BGSE, slot.written_BS = updated
-        elif self.persistent:
-            for full, part in zip((slot.k_BGSE, slot.v_BGSE, slot.written_BS), updated):
-                full.index_copy_(0, rows_R, part)
         else:
             slot.k_BGSE, slot.v_BGSE, slot.written_BS = (
                 full.index_copy(0, rows_R, part) for full, part in zip((slot.k_BGSE, slot.v_BGSE, slot.written_BS), updated))
@@ -115,14 +109,6 @@ class KVStore:
             self.doc_ids_BS = self.doc_ids_BS.clone()
         self.doc_ids_BS[:, start:start + doc_ids_BT.shape[1]] = doc_ids_BT
 
-    def entries_written(self, layers: list[int] | None = None) -> Tensor:
-        """Number of (token, layer) entries stored, for measuring KV memory."""
-        chosen = self.slots if layers is None else {i: self.slots[i] for i in layers if i in self.slots}
-        total = torch.zeros((), dtype=torch.long)
-        for slot in chosen.values():
-            total = total + slot.written_BS[:, : self.length].sum().cpu()
-        return total
-
 
 @dataclass
 class Entries:
@@ -144,9 +130,10 @@ class KVCache(KVStore):
     """The decoding cache: per slot, only the entries written to it (appended, grown in chunks)."""
 
     GROWTH = 64  # entries added at least when a slot grows
+    persistent = True
 
     def __init__(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int):
-        super().__init__(batch, max_len, num_kv_heads, head_dim, persistent=True)
+        super().__init__(batch, max_len, num_kv_heads, head_dim)
         self.slots: dict[int, Entries] = {}  # type: ignore[assignment]
 
     def _entries(self, layer: int, like_k: Tensor, like_v: Tensor, needed: int) -> Entries:
@@ -208,7 +195,7 @@ class KVCache(KVStore):
         return k, v, cols >= 0, cols
 
     def read_dense(self, layers: tuple[int, ...], upto: int, rows_R: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        dense = KVStore(self.batch, upto + 1, self.num_kv_heads, self.head_dim, persistent=False)
+        dense = KVStore(self.batch, upto + 1, self.num_kv_heads, self.head_dim)
         for layer in layers:  # absent entries go to the trash column ``upto``
             k, v, present, cols = self.read((layer,), upto)
             dense.write(layer, torch.where(present, cols, upto), k, v, present)

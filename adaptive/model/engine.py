@@ -53,6 +53,11 @@ class Pass:
     def length(self) -> int:
         return self.position_ids_BT.shape[1]
 
+    def columns_BT(self) -> Tensor:
+        """The store columns of this pass's tokens (they follow the ``offset`` columns already there)."""
+        B, T = self.position_ids_BT.shape
+        return self.offset + torch.arange(T, device=self.position_ids_BT.device).expand(B, T)
+
 
 @dataclass
 class Selection:
@@ -194,8 +199,7 @@ class RecursionEngine(nn.Module):
         state); without them a later decode token would not see these columns, unlike the full forward."""
         if p.store is None or not p.store.persistent:
             return  # within one forward nothing reads a step that no token reaches
-        T = p.length
-        cols_BT = p.offset + torch.arange(T, device=h_BTD.device).expand(h_BTD.shape[0], T)
+        cols_BT = p.columns_BT()
         for step in range(first_step, self.plan.num_steps):
             if self.kv_policy.writes(step) != "all":
                 continue
@@ -285,8 +289,7 @@ class RecursionEngine(nn.Module):
         store = p.store
         assert store is not None
         sel = w.sel
-        T = p.length
-        cols_BT = p.offset + torch.arange(T, device=x_BKD.device).expand(p.position_ids_BT.shape[0], T)
+        cols_BT = p.columns_BT()
         cols_BK = sel.gather(cols_BT)
         if w.writes == "selected":
             k_BGKE, v_BGKE = weights.attn.keys_values(normed_BKD, w.cos, w.sin)
@@ -298,7 +301,7 @@ class RecursionEngine(nn.Module):
             dense_BTD = sel.scatter(w.dense_hidden, x_BKD)
             k_BGTE, v_BGTE = weights.attn.keys_values(norms.attn_norm(dense_BTD), p.cos_BT, p.sin_BT)
             store.write(logical, cols_BT, k_BGTE, v_BGTE, p.valid_BT)
-        k_BGSE, v_BGSE, present_BS, key_cols_BS = store.read(self.read_slots(logical, w.reads), p.offset + T, sel.rows_R)
+        k_BGSE, v_BGSE, present_BS, key_cols_BS = store.read(self.read_slots(logical, w.reads), p.offset + p.length, sel.rows_R)
         allowed_BKS = present_BS[:, None, :] & (key_cols_BS[:, None, :] <= cols_BK[:, :, None])
         if store.doc_ids_BS is not None:
             key_docs_BS = sel.rows(store.doc_ids_BS).gather(1, key_cols_BS.clamp(min=0))

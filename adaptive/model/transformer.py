@@ -110,7 +110,7 @@ class AdaptiveLM(nn.Module):
         allocated only when a step writes to one)."""
         if not self.plan.steps:
             return None
-        return KVStore(B, T, self.config.num_kv_heads, self.config.head_dim, persistent=False)
+        return KVStore(B, T, self.config.num_kv_heads, self.config.head_dim)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(batch, max_len or self.config.max_seq_len, self.config.num_kv_heads, self.config.head_dim)
