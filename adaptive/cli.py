@@ -114,8 +114,8 @@ def generate_cmd(
     show_depth: bool = typer.Option(False, "--show-depth", help="print the recursion depth of each generated token"),
 ) -> None:
     """Continue prompts with a trained model, decoding with its KV cache."""
-    from adaptive.generate import SamplingConfig, generate
-    from adaptive.inference import load_run
+    from adaptive.serving.generate import SamplingConfig, generate
+    from adaptive.serving.loading import load_run
 
     loaded = load_run(run, host().registry)
     tok = loaded.tokenizer

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adaptive.generate import SamplingConfig, generate
+from adaptive.serving.generate import SamplingConfig, generate
 from adaptive.model import ModelConfig, build_model
 from adaptive.plugins import get_registry
 

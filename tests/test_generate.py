@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adaptive.generate import SamplingConfig, generate, left_pad
+from adaptive.serving.generate import SamplingConfig, generate, left_pad
 from adaptive.model import ModelConfig, build_model
 from adaptive.plugins import get_registry
 

@@ -1,0 +1,12 @@
+"""Inference and serving: loading a trained run, the paged-KV engine with continuous (depth-wise)
+batching, sampling, generation and benchmarks.
+
+Layout (after nano-vllm): ``block_manager`` (blocks of the KV pool, per (sequence, slot) tables),
+``kv_pool`` (the pooled key/value tensors and attention over them), ``scheduler`` (which work runs each
+iteration, preemption), ``model_runner`` (batch assembly; drives the model's own recursion engine
+through its step-level entry points), ``engine`` (the loop, requests and streaming).
+"""
+
+from adaptive.serving.loading import LoadedRun, load_run, resolve
+
+__all__ = ["LoadedRun", "load_run", "resolve"]
