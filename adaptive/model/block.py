@@ -7,7 +7,6 @@ decided per logical layer by the engine, so the same weights serve every recursi
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from adaptive.interfaces import FFN
@@ -30,16 +29,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, d_model, bias=False)
 
     def queries(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        q_BHKE = rearrange(self.q_proj(x_BKD), "b k (h e) -> b h k e", h=self.num_heads)
+        q_BHKE = self.q_proj(x_BKD).unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
         return Rotary.apply(q_BHKE, cos, sin)
 
     def keys_values(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        k_BGKE = rearrange(self.k_proj(x_BKD), "b k (g e) -> b g k e", g=self.num_kv_heads)
-        v_BGKE = rearrange(self.v_proj(x_BKD), "b k (g e) -> b g k e", g=self.num_kv_heads)
+        k_BGKE = self.k_proj(x_BKD).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(-3, -2)
+        v_BGKE = self.v_proj(x_BKD).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(-3, -2)
         return Rotary.apply(k_BGKE, cos, sin), v_BGKE
 
     def output(self, attn_BHKE: Tensor) -> Tensor:
-        return self.o_proj(rearrange(attn_BHKE, "b h k e -> b k (h e)"))
+        return self.o_proj(attn_BHKE.transpose(-3, -2).flatten(-2))
 
 
 class Norms(nn.Module):

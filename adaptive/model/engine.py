@@ -172,8 +172,7 @@ class RecursionEngine(nn.Module):
         for step in range(self.plan.num_steps):
             ctx = RouteContext(step, self.plan.num_steps, capacities[step], p.training_rule, active_BT, valid_BT,
                                first_BTD, carry, p.doc_ids_BT)
-            decision = self.router.route(h_BTD, ctx)
-            selected_BT = decision.selected_BT & active_BT
+            decision, selected_BT = self.decide(h_BTD, ctx)
             self.record(step, decision, selected_BT, aux, stats)
             carry, active_BT = decision.carry, selected_BT
             depth_BT = depth_BT + selected_BT.long()
@@ -186,9 +185,7 @@ class RecursionEngine(nn.Module):
             wiring = self.wire_step(step, sel, p, h_BTD, valid_BT)
             old_BKD = sel.gather(h_BTD)
             out_BKD = self.run_layers(self.step_layers[step], old_BKD, wiring, p, aux)
-            new_BKD = self.router.combine(old_BKD, out_BKD, sel.gather(decision.gate_BT), sel.gather(first_BTD), step)
-            if sel.qvalid_BK is not None:
-                new_BKD = torch.where(sel.qvalid_BK[..., None], new_BKD, old_BKD)
+            new_BKD = self.update(step, old_BKD, out_BKD, sel.gather(decision.gate_BT), sel.gather(first_BTD), sel.qvalid_BK)
             h_BTD = sel.scatter(h_BTD, new_BKD)
         stats.depth_BT = depth_BT
         return h_BTD
@@ -208,6 +205,19 @@ class RecursionEngine(nn.Module):
                 norms: Norms = self.norms[self.norm_index[logical]]
                 k_BGTE, v_BGTE = weights.attn.keys_values(norms.attn_norm(h_BTD), p.cos_BT, p.sin_BT)
                 p.store.write(logical, cols_BT, k_BGTE, v_BGTE, p.valid_BT)
+
+    def decide(self, h_BTD: Tensor, ctx: RouteContext) -> tuple[RouteDecision, Tensor]:
+        """The router's decision at ``ctx.step`` and the tokens that run it: hierarchical filtering (a token
+        runs a step only if it is still active) is applied here, once, for every caller."""
+        decision = self.router.route(h_BTD, ctx)
+        return decision, decision.selected_BT & ctx.active_BT
+
+    def update(self, step: int, old_BKD: Tensor, out_BKD: Tensor, gate_BK: Tensor, first_BKD: Tensor,
+               qvalid_BK: Tensor | None) -> Tensor:
+        """The new hidden state of tokens that ran ``step`` (``qvalid_BK`` False: the token did not run and
+        keeps its state)."""
+        new_BKD = self.router.combine(old_BKD, out_BKD, gate_BK, first_BKD, step)
+        return new_BKD if qvalid_BK is None else torch.where(qvalid_BK[..., None], new_BKD, old_BKD)
 
     @staticmethod
     def record(step: int, decision: RouteDecision, selected_BT: Tensor, aux: dict, stats: RoutingStats) -> None:
@@ -267,17 +277,23 @@ class RecursionEngine(nn.Module):
         return x_BKD
 
     def run_layer(self, logical: int, x_BKD: Tensor, w: StepWiring, p: Pass, aux: dict) -> Tensor:
+        def attend(weights: Layer, norms: Norms, normed_BKD: Tensor, q_BHKE: Tensor) -> Tensor:
+            if w.use_store:
+                return self.attend_store(logical, weights, norms, x_BKD, normed_BKD, q_BHKE, w, p)
+            k_BGKE, v_BGKE = weights.attn.keys_values(normed_BKD, w.cos, w.sin)
+            causal = w.compact_allowed is None
+            return self.backend.attend(q_BHKE, k_BGKE, v_BGKE, allowed_BQS=w.compact_allowed, causal=causal)
+
+        return self.layer_forward(logical, x_BKD, w.cos, w.sin, attend, aux)
+
+    def layer_forward(self, logical: int, x_BKD: Tensor, cos: Tensor, sin: Tensor, attend, aux: dict) -> Tensor:
+        """One decoder layer (pre-norm attention, then the FFN); ``attend(weights, norms, normed_BKD, q_BHKE)``
+        returns the attention output, so each caller decides which keys the queries see."""
         weights: Layer = self.layers[self.physical_of[logical]]
         norms: Norms = self.norms[self.norm_index[logical]]
         normed_BKD = norms.attn_norm(x_BKD)
-        q_BHKE = weights.attn.queries(normed_BKD, w.cos, w.sin)
-        if w.use_store:
-            attn_BHKE = self.attend_store(logical, weights, norms, x_BKD, normed_BKD, q_BHKE, w, p)
-        else:
-            k_BGKE, v_BGKE = weights.attn.keys_values(normed_BKD, w.cos, w.sin)
-            causal = w.compact_allowed is None
-            attn_BHKE = self.backend.attend(q_BHKE, k_BGKE, v_BGKE, allowed_BQS=w.compact_allowed, causal=causal)
-        x_BKD = x_BKD + weights.attn.output(attn_BHKE)
+        q_BHKE = weights.attn.queries(normed_BKD, cos, sin)
+        x_BKD = x_BKD + weights.attn.output(attend(weights, norms, normed_BKD, q_BHKE))
         B, K, D = x_BKD.shape
         ffn = weights.ffn(norms.ffn_norm(x_BKD).reshape(B * K, D))
         for name, value in ffn.aux_losses.items():
@@ -318,6 +334,72 @@ class RecursionEngine(nn.Module):
                 j = layers.index(logical)
                 return tuple(self.step_layers[s][j] for s in reads)
         return (logical,)
+
+
+    # ------------------------------------------------------------------ step-level entry points
+    # The serving engine (adaptive/serving) schedules work items (request, tokens, step) itself and calls
+    # these to run them: the same layers, router and KV policy as ``forward``, on a flat set of N tokens
+    # whose keys/values live in its paged pool (``TokenKV``). Inference only: the causal routing rule.
+
+    def inference_capacities(self) -> list[float]:
+        """Per-step capacities after training (``progress=None``)."""
+        if not self.plan.steps:
+            return []
+        return self.scheduler.capacities(self.router.base_capacities(), None)
+
+    def route_tokens(self, step: int, h_N1D: Tensor, first_N1D: Tensor, carry, capacity: float) -> tuple[RouteDecision, Tensor]:
+        """The causal decision at ``step`` for N tokens that all reached it, one token per row: under the
+        inference rule a cache-consistent router decides each token from that token alone."""
+        ones_N1 = torch.ones(h_N1D.shape[:2], dtype=torch.bool, device=h_N1D.device)
+        ctx = RouteContext(step, self.plan.num_steps, capacity, False, ones_N1, ones_N1, first_N1D, carry, None)
+        return self.decide(h_N1D, ctx)
+
+    def run_tokens(self, logical: tuple[int, ...], x_ND: Tensor, cos_NE: Tensor, sin_NE: Tensor, kv: "TokenKV",
+                   frozen_ND: Tensor | None = None, frozen_N: Tensor | None = None) -> Tensor:
+        """Run the logical layers ``logical`` (one step's, or the prelude's, or the coda's) on N tokens.
+        The j-th layer's attention goes through ``kv.attend(j, ...)``. Tokens marked ``frozen_N`` did not run
+        this step: their keys/values come from ``frozen_ND`` (a ``writes="all"`` policy stores them)."""
+        cos, sin = cos_NE[None, None], sin_NE[None, None]
+        unused: dict[str, Tensor] = defaultdict(lambda: x_ND.new_zeros(()))
+        x_1ND = x_ND[None]
+        for j, layer in enumerate(logical):
+            def attend(weights: Layer, norms: Norms, normed_1ND: Tensor, q_1HNE: Tensor, j: int = j) -> Tensor:
+                if frozen_ND is not None:
+                    normed_1ND = norms.attn_norm(torch.where(frozen_N[None, :, None], frozen_ND[None], x_1ND))
+                k_1GNE, v_1GNE = weights.attn.keys_values(normed_1ND, cos, sin)
+                return kv.attend(j, q_1HNE[0], k_1GNE[0], v_1GNE[0])[None]
+
+            x_1ND = self.layer_forward(layer, x_1ND, cos, sin, attend, unused)
+        return x_1ND[0]
+
+    def keys_values_of(self, logical: int, h_ND: Tensor, cos_NE: Tensor, sin_NE: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (G, N, E) that logical layer ``logical`` computes for hidden states ``h_ND``."""
+        weights: Layer = self.layers[self.physical_of[logical]]
+        norms: Norms = self.norms[self.norm_index[logical]]
+        k_1GNE, v_1GNE = weights.attn.keys_values(norms.attn_norm(h_ND[None]), cos_NE[None, None], sin_NE[None, None])
+        return k_1GNE[0], v_1GNE[0]
+
+    def shared_step_groups(self) -> tuple[list[tuple[int, ...]], str | None]:
+        """Recursion steps that one call of the shared block can serve together (the same physical layers
+        and norms at every position of the step), and, when the steps split, why."""
+        groups: dict[tuple, list[int]] = {}
+        for step, layers in enumerate(self.step_layers):
+            key = tuple((self.physical_of[l], self.norm_index[l]) for l in layers)
+            groups.setdefault(key, []).append(step)
+        if len(groups) <= 1:
+            return [tuple(steps) for steps in groups.values()], None
+        same_weights = len({tuple(p for p, _ in key) for key in groups}) == 1
+        why = ("each recursion step has its own norms (per_step_norms)" if same_weights else
+               "the sharing scheme gives the recursion steps different physical layers")
+        return [tuple(steps) for steps in groups.values()], f"{why}, so each step runs in its own call"
+
+
+class TokenKV:
+    """Key/value access of one ``run_tokens`` call: stores the fresh keys/values of the j-th layer where the
+    KV policy says, and returns the attention of the queries over what each token may see."""
+
+    def attend(self, j: int, q_HNE: Tensor, k_GNE: Tensor, v_GNE: Tensor) -> Tensor:
+        raise NotImplementedError  # interface: the serving engine's paged pool implements it
 
 
 def ensure_nonempty(allowed_BQS: Tensor, fallback_BQS: Tensor) -> Tensor:

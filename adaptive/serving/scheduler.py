@@ -1,0 +1,209 @@
+"""The scheduler: which work runs in each engine iteration, and who is preempted when blocks run out.
+
+Each iteration it plans, in priority order, reserving KV blocks for everything the iteration will write:
+
+1. groups whose every token left the recursion (fill owed keys/values, coda, head, sampling);
+2. groups still in the recursion (their step's slots; the coda too if this is their last step);
+3. new groups under the per-iteration token budget: the next decode token of each running request first,
+   then the next prefill chunk of running requests, then new requests while batch rows are free.
+
+A reservation that does not fit preempts the running request that arrived last: its blocks and arena rows
+are freed, its group is dropped, and it waits at the head of the queue to be recomputed from its prompt
+and the tokens it had generated (recomputation gives the same keys/values, so its output does not change).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from adaptive.serving.block_manager import BlockManager, OutOfBlocks
+from adaptive.serving.sequence import Group, Request, Status
+
+
+class EngineConfig(BaseModel):
+    """Limits of the serving engine (``adaptive generate``/``bench``/``serve`` options map onto these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch: int = Field(default=32, ge=1, description="requests running at once (batch rows)")
+    max_tokens_per_iteration: int = Field(default=512, ge=1, description="token budget: tokens that enter the "
+                                          "model per iteration (decode tokens and prefill chunks)")
+    block_size: int = Field(default=16, ge=1, description="entries per KV block")
+    num_blocks: int | None = Field(default=None, ge=1, description="blocks in the KV pool; unset: room for "
+                                   "max_batch full-length sequences in every slot")
+    max_len: int | None = Field(default=None, ge=1, description="context length (prompt + generated); unset: "
+                                "the model's max_seq_len")
+
+
+@dataclass
+class IterationPlan:
+    fills: list[tuple[Group, np.ndarray, int]] = field(default_factory=list)  # (group, offsets, first step)
+    finishing: list[Group] = field(default_factory=list)
+    continuing: list[Group] = field(default_factory=list)
+    admitted: list[tuple[Group, list[int]]] = field(default_factory=list)  # with the host-known token ids
+    preempted: list[Request] = field(default_factory=list)
+
+    def drop(self, q: Request) -> None:
+        self.fills = [f for f in self.fills if f[0].request is not q]
+        self.finishing = [g for g in self.finishing if g.request is not q]
+        self.continuing = [g for g in self.continuing if g.request is not q]
+        self.admitted = [a for a in self.admitted if a[0].request is not q]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.fills or self.finishing or self.continuing or self.admitted)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, runner, num_steps: int,
+                 step_slots: list[list[int]], prelude: tuple[int, ...], coda: tuple[int, ...], writes: list[str]):
+        self.config, self.blocks, self.runner = config, blocks, runner
+        self.num_steps, self.step_slots, self.prelude, self.coda, self.writes = num_steps, step_slots, prelude, coda, writes
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_rows = list(range(config.max_batch - 1, -1, -1))
+
+    @property
+    def max_len(self) -> int:
+        return self.blocks.max_len
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self, now: float) -> IterationPlan:
+        plan = IterationPlan()
+        self.short_of_blocks = False
+        for q in sorted(self.running, key=lambda q: q.arrival):
+            if q.status is Status.RUNNING and q.group is not None:
+                self._plan_in_flight(q, plan)
+        self._plan_admissions(now, plan)
+        if plan.empty and self.short_of_blocks and self.running:  # every running request waits for blocks the others hold
+            self.preempt(max(self.running, key=lambda q: q.arrival), plan)
+            self._plan_admissions(now, plan)
+        return plan
+
+    def _plan_in_flight(self, q: Request, plan: IterationPlan) -> None:
+        g = q.group
+        need = [(self.step_slots[step], len(t)) for t, first in g.exits for step in range(first, self.num_steps)
+                if self.writes[step] == "all"]
+        if not g.finished and self.writes[g.step] != "none":
+            need.append((self.step_slots[g.step], len(g.running())))
+        if g.finished or g.step + 1 == self.num_steps:
+            need.append((list(self.coda), g.length))
+        if not self._reserve(q, need, plan, may_wait=False):
+            return
+        plan.fills += [(g, t, first) for t, first in g.exits]
+        g.exits = []
+        (plan.finishing if g.finished else plan.continuing).append(g)
+
+    def _plan_admissions(self, now: float, plan: IterationPlan) -> None:
+        budget = self.config.max_tokens_per_iteration
+        finishing = {id(g.request) for g in plan.finishing}
+        ready = [q for q in self.running if q.status is Status.RUNNING and q.next_group is None
+                 and (q.group is None or id(q) in finishing)]
+        ready.sort(key=lambda q: (self._remaining(q)[1] - self._remaining(q)[0] > 1, q.arrival))  # decodes first
+        for q in ready:
+            if budget > 0 and q.status is Status.RUNNING:  # (an earlier admission may have preempted it)
+                budget -= self._admit(q, budget, plan)
+        while self.waiting and budget > 0 and self.free_rows:
+            q = self.waiting[0]
+            if q.arrival > now or q.pending:
+                break
+            self.waiting.popleft()
+            q.row, q.status = self.free_rows.pop(), Status.RUNNING
+            self.running.append(q)
+            used = self._admit(q, budget, plan)
+            if used == 0:  # no room yet: back to the head of the queue
+                self._unrun(q)
+                self.waiting.appendleft(q)
+                break
+            budget -= used
+
+    def _remaining(self, q: Request) -> tuple[int, int]:
+        """(first column of ``q``'s next group, columns known by then), counting the group that finishes now."""
+        done, total = q.done_cols, q.num_tokens
+        if q.group is not None:
+            done, total = q.group.start + q.group.length, total + q.group.samples
+        return done, total
+
+    def _admit(self, q: Request, budget: int, plan: IterationPlan) -> int:
+        """Plan ``q``'s next group; returns the tokens it takes from the budget (0: none can start now)."""
+        done, total = self._remaining(q)
+        if total - len(q.prompt) >= q.params.max_tokens or done >= total or done >= self.max_len:
+            return 0  # the request ends when its newest token reaches the host
+        end = min(total, done + budget)
+        n = end - done
+        if n > len(self.runner.free_arena):
+            return 0
+        need = [(list(self.prelude), n)]
+        if self.num_steps and self.writes[0] != "none":
+            need.append((self.step_slots[0], n))
+        if self.num_steps <= 1:
+            need.append((list(self.coda), n))
+        if not self._reserve(q, need, plan, may_wait=True):
+            return 0
+        samples = end == total
+        from_device = samples and (q.pending or (q.group is not None and q.group.samples))
+        g = Group(q, done, n, self.runner.take_arena(n), samples, from_device)
+        ids = [] if from_device else [q.token_at(c) for c in range(done, end)]
+        plan.admitted.append((g, ids))
+        if q.group is None:
+            q.group = g
+        else:  # the group in flight finishes in this iteration, before this one starts
+            q.next_group = g
+        return n
+
+    # ------------------------------------------------------------------ blocks and preemption
+
+    def _reserve(self, q: Request, need: list[tuple[list[int], int]], plan: IterationPlan, may_wait: bool) -> bool:
+        """Reserve blocks for ``need`` ((slots, entries) pairs) of ``q``, preempting the latest-arrived
+        request while short. False: nothing reserved (``q`` itself was preempted, or waits)."""
+        extra: dict[int, int] = {}
+        for slots, n in need:
+            for s in slots:
+                extra[s] = extra.get(s, 0) + n
+        while True:
+            try:
+                self.blocks.reserve(q.row, extra)
+                return True
+            except OutOfBlocks:
+                self.short_of_blocks = True
+                victim = max((r for r in self.running if r.status is Status.RUNNING), key=lambda r: r.arrival)
+                if victim is q or (may_wait and victim.arrival <= q.arrival):
+                    if not may_wait:
+                        self.preempt(q, plan)
+                    return False
+                self.preempt(victim, plan)
+
+    def preempt(self, q: Request, plan: IterationPlan) -> None:
+        """Free ``q``'s blocks and arena rows and queue it for recomputation."""
+        self._release_groups(q)
+        plan.drop(q)
+        self._unrun(q)
+        q.preemptions += 1
+        q.done_cols = 0
+        self.waiting.appendleft(q)
+        plan.preempted.append(q)
+
+    def finish(self, q: Request) -> None:
+        """``q`` is done: its row, blocks and arena rows are reused at once."""
+        self._release_groups(q)
+        self._unrun(q)
+        q.status = Status.FINISHED
+
+    def _release_groups(self, q: Request) -> None:
+        for g in (q.group, q.next_group):
+            if g is not None and not g.cancelled:
+                g.cancelled = True
+                self.runner.give_arena(g.arena)
+
+    def _unrun(self, q: Request) -> None:
+        if q.row is not None:
+            self.blocks.release(q.row)
+            self.free_rows.append(q.row)
+        q.row, q.group, q.next_group, q.status = None, None, None, Status.WAITING
+        if q in self.running:
+            self.running.remove(q)

@@ -1,0 +1,57 @@
+"""What the engine measured while it ran: routing depths, KV memory in use and reserved, preemptions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adaptive.serving.block_manager import BlockManager
+from adaptive.serving.sequence import Group
+
+
+@dataclass
+class EngineStats:
+    num_steps: int
+    bytes_per_entry: int
+    step_layers: list[list[int]]
+    iterations: int = 0
+    preemptions: int = 0
+    depth_hist: np.ndarray = field(init=False)  # tokens (prompt and generated) by recursion steps run
+    peak_entries: int = 0  # (token, slot) entries stored, at the fullest iteration
+    peak_blocks: int = 0
+    peak_step_entries: int = 0  # entries in the recursion block's slots at the fullest iteration
+
+    def __post_init__(self) -> None:
+        self.depth_hist = np.zeros(self.num_steps + 1, dtype=np.int64)
+        self.block_slots = [s for layers in self.step_layers for s in layers]
+
+    def group_done(self, g: Group) -> None:
+        self.depth_hist += np.bincount(g.depth_T, minlength=self.num_steps + 1)
+
+    def iteration(self, blocks: BlockManager, preempted: int) -> None:
+        self.iterations += 1
+        self.preemptions += preempted
+        entries = int(blocks.lengths.sum())
+        if entries >= self.peak_entries:
+            self.peak_entries = entries
+            self.peak_step_entries = int(blocks.lengths[:, self.block_slots].sum()) if self.block_slots else 0
+        self.peak_blocks = max(self.peak_blocks, blocks.blocks_in_use)
+
+    @property
+    def mean_depth(self) -> float:
+        n = self.depth_hist.sum()
+        return float((self.depth_hist * np.arange(len(self.depth_hist))).sum() / n) if n else 0.0
+
+    @property
+    def step_fractions(self) -> list[float]:
+        """Share of tokens that ran each recursion step."""
+        n = self.depth_hist.sum()
+        return [float(self.depth_hist[s + 1:].sum() / n) if n else 0.0 for s in range(self.num_steps)]
+
+    def as_dict(self, block_size: int) -> dict:
+        return {"iterations": self.iterations, "preemptions": self.preemptions,
+                "depth_hist": self.depth_hist.tolist(), "mean_depth": self.mean_depth,
+                "step_fractions": self.step_fractions,
+                "peak_kv_bytes_in_use": self.peak_entries * self.bytes_per_entry,
+                "peak_kv_bytes_reserved": self.peak_blocks * block_size * self.bytes_per_entry}
