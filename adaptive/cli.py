@@ -104,29 +104,137 @@ def train_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    run: Path = typer.Argument(..., help="run directory or checkpoint directory", show_default=False),
-    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for a batch)"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    greedy: bool = typer.Option(False, "--greedy", help="argmax decoding instead of sampling"),
-    temperature: float = typer.Option(0.8, "--temperature"),
-    top_k: int = typer.Option(50, "--top-k"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    show_depth: bool = typer.Option(False, "--show-depth", help="print the recursion depth of each generated token"),
+    run: Path = typer.Argument(..., help="run directory, checkpoint directory or converted model", show_default=False),
+    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for several requests)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="most tokens to generate per prompt"),
+    greedy: bool = typer.Option(False, "--greedy", help="argmax decoding (the same as --temperature 0)"),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="sampling temperature; 0 = greedy"),
+    top_k: int = typer.Option(50, "--top-k", min=0, help="sample among the k most likely tokens; 0 = all"),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="nucleus sampling mass; 1 = all"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="seed of the samples (each prompt gets seed + i)"),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable); the text ends before it"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16, float16"),
+    batch: int = typer.Option(32, "--batch", min=1, help="most requests decoded at once"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
+    show_depth: bool = typer.Option(False, "--show-depth", help="print the recursion depth behind each generated token"),
 ) -> None:
-    """Continue prompts with a trained model, decoding with its KV cache."""
-    from adaptive.serving.generate import SamplingConfig, generate
+    """Continue prompts with a trained model on the serving engine (paged KV, depth-wise batching)."""
+    import time
+
+    from adaptive.serving.generate import LLM
+    from adaptive.serving.sampling import SamplingParams
+    from adaptive.serving.scheduler import EngineConfig
+
+    try:
+        llm = LLM.from_run(run, device=device, dtype=dtype, config=EngineConfig(max_batch=batch))
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_k=top_k,
+                                 top_p=top_p if top_p > 0 else 1.0, stop=tuple(stop or ()),
+                                 seed=None if seed is None else seed + i) for i in range(len(prompt))]
+    except ValueError as exc:
+        raise AdaptiveError(str(exc)) from None
+    start = time.perf_counter()
+    if stream:
+        completions = _stream_completions(llm, prompt, params)
+    else:
+        completions = llm.generate(prompt, params)
+    elapsed = time.perf_counter() - start
+    for text, c in zip(prompt, completions):
+        if not stream:
+            console.print(Text(text, style="bold") + Text(c.text or ""), soft_wrap=True)
+        if show_depth:  # one entry per generated token, in order
+            pieces = [llm.tokenizer.decode([t]) for t in c.tokens]
+            console.print(f"tokens: {json.dumps(pieces)}\ndepths: {json.dumps(c.depths)}", highlight=False,
+                          soft_wrap=True, markup=False)
+    generated = sum(len(c.tokens) for c in completions)
+    err_console.print(f"{generated} tokens in {elapsed:.2f} s ({generated / max(elapsed, 1e-9):.1f} tokens/s; "
+                      f"{llm.engine.batching})", highlight=False, soft_wrap=True)
+
+
+def _stream_completions(llm, prompts: list[str], params) -> list:
+    """Print each request's text as its tokens arrive (one request after another when there are several)."""
+    ids = [llm.engine.add_request(llm.encode(p), s) for p, s in zip(prompts, params)]
+    shown = {i: False for i in ids}
+    for event in llm.engine.run():
+        if len(ids) == 1:
+            if not shown[event.request_id]:
+                console.print(Text(prompts[0], style="bold"), end="")
+                shown[event.request_id] = True
+            console.print(Text(event.text), end="")
+    if len(ids) == 1:
+        console.print()
+    completions = [llm.engine.completions.pop(i) for i in ids]
+    if len(ids) > 1:
+        for text, c in zip(prompts, completions):
+            console.print(Text(text, style="bold") + Text(c.text or ""), soft_wrap=True)
+    return completions
+
+
+@app.command("bench")
+def bench_cmd(
+    target: str = typer.Argument(..., help="run directory, checkpoint directory or recipe file", show_default=False),
+    num_prompts: int = typer.Option(64, "--num-prompts", min=1, help="requests in the workload"),
+    prompt_len: str = typer.Option("64", "--prompt-len", help="prompt tokens: N, or LO:HI drawn uniformly"),
+    max_new_tokens: str = typer.Option("192:256", "--max-new-tokens", help="tokens generated per request: N or LO:HI"),
+    rate: float = typer.Option(float("inf"), "--rate", help="requests per second (Poisson arrivals); inf = all at once"),
+    batch: int = typer.Option(32, "--batch", min=1, help="most requests decoded at once"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="interleaved repetitions of each side"),
+    seed: int = typer.Option(0, "--seed", help="seed of the workload and of the vanilla counterpart's weights"),
+    block_size: int = typer.Option(16, "--block-size", min=1, help="entries per KV block"),
+    stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="end a request at the end-of-text token (the two "
+                                     "sides then generate different lengths)"),
+    prompt_source: str = typer.Option("auto", "--prompt-source", help="auto (corpus for a trained run, else random), corpus, random"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="a trained vanilla run to compare with (default: "
+                                            "the same-shape vanilla model, randomly initialised)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Benchmark generation: the model and its vanilla counterpart on one workload, side by side."""
+    from adaptive.serving.bench import BenchOptions, bench, load_target
+    from adaptive.serving.generate import resolve_device, resolve_dtype
     from adaptive.serving.loading import load_run
 
-    loaded = load_run(run, host().registry)
-    tok = loaded.tokenizer
-    prompts = [[tok.separator_id, *tok.tok.encode(text, add_special_tokens=False).ids] for text in prompt]
-    cfg = SamplingConfig(max_new_tokens, greedy, temperature, top_k, eos_id=tok.separator_id, seed=seed)
-    result = generate(loaded.model, prompts, cfg, pad_id=tok.separator_id)
-    for i, (text, ids) in enumerate(zip(prompt, result.tokens)):
-        body = [t for t in ids if t != tok.separator_id]
-        console.print(Text(text, style="bold") + Text(tok.decode(body)))
-        if show_depth and result.depths:
-            console.print(f"depths: {result.depths[i][:len(body)]}", highlight=False)
+    if prompt_source not in ("auto", "corpus", "random"):
+        raise AdaptiveError(f"--prompt-source {prompt_source!r} is not one of auto, corpus, random")
+    opts = BenchOptions(num_prompts, prompt_len, max_new_tokens, rate, batch, block_size, repeats, seed, stop_at_eos,
+                        prompt_source)
+    try:
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        model, tokenizer, corpus = load_target(target, host().registry, dev, torch_dtype, prompt_source)
+        base = None
+        if baseline is not None:
+            base = load_run(baseline, host().registry, device=str(dev)).model.to(dtype=torch_dtype)
+        eos = tokenizer.separator_id if tokenizer is not None else None
+        log = (lambda line: err_console.print(line, highlight=False)) if as_json else (lambda line: console.print(line, highlight=False))
+        report = bench(model, opts, host().registry, corpus=corpus, eos_id=eos, baseline=base, log=log)
+    except ValueError as exc:
+        raise AdaptiveError(str(exc)) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_bench(report)
+
+
+def _print_bench(report: dict) -> None:
+    ours, theirs = report["model"], report["baseline"]
+    table = Table("", "model", "vanilla", "ratio")
+    rows = [("tokens/s (median)", "tokens_per_s", "{:,.1f}"), ("requests/s", "requests_per_s", "{:.2f}"),
+            ("TTFT p50 s", "ttft_p50_s", "{:.3f}"), ("TTFT p99 s", "ttft_p99_s", "{:.3f}"),
+            ("ITL p50 ms", "itl_p50_s", "{:.2f}"), ("ITL p99 ms", "itl_p99_s", "{:.2f}"),
+            ("peak KV bytes in use", "kv_bytes", "{:,}"), ("peak KV bytes reserved", "kv_bytes_reserved", "{:,}"),
+            ("mean recursion depth", "mean_depth", "{:.2f}")]
+    for label, key, fmt in rows:
+        scale = 1e3 if key.startswith("itl") else 1
+        a, b = ours[key] * scale, theirs[key] * scale
+        ratio = f"{a / b:.2f}x" if b else ""
+        table.add_row(label, fmt.format(a), fmt.format(b), ratio)
+    console.print(table)
+    lo, hi = report["speedup_spread"]
+    console.print(f"speedup over vanilla {report['speedup']:.2f}x (spread {lo:.2f}-{hi:.2f} over "
+                  f"{report['workload']['repeats']} interleaved repeats); FLOP-bound speedup at the observed depths "
+                  f"{report['flop_bound_speedup']:.2f}x\n{report['batching']}", highlight=False)
 
 
 @app.command("flops")
@@ -160,6 +268,68 @@ def flops_cmd(
                   f"training FLOPs/token   {report.flops_per_token_train:.4g}\n"
                   f"KV-cache bytes/token   {report.kv_bytes_per_token:,.0f} ({kv_bytes} bytes per element)\n"
                   f"sequence length        {report.seq_len}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    runs: list[Path] = typer.Argument(..., help="run or checkpoint directories (several: a comparison table)",
+                                      show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (an object per run; a list for several)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="a .txt/.jsonl/.parquet file instead of the held-out split"),
+    rows: Optional[int] = typer.Option(None, "--rows", min=1, help="evaluate the first N rows only (default: all)"),
+    tasks: str = typer.Option("lambada,description", "--tasks", help="comma-separated zero-shot tasks, or none"),
+    items: Optional[int] = typer.Option(None, "--items", min=1, help="items per task (default: all)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the task construction"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="rows per batch (default: train.batch_size)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+) -> None:
+    """Validation loss and perplexity, offline zero-shot tasks and routing statistics, in inference mode."""
+    from adaptive.eval.report import EvalOptions, describe_routing, evaluate_run, progress_bar, table_rows
+
+    names = [] if tasks.strip() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
+    try:
+        options = EvalOptions(data_file=None if data is None else str(data), max_rows=rows, tasks=names,
+                              task_items=items, seed=seed, batch_size=batch_size, device=device)
+    except ValueError as exc:
+        raise AdaptiveError(f"--tasks: {exc}") from None
+    with progress_bar() as stage:
+        results = [evaluate_run(run, host().registry, options, stage) for run in runs]
+    if as_json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        return
+    headers, cells = table_rows(results)
+    table = Table(*headers)
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    for result in results:
+        console.print(f"{result['recipe']}: {result['data']}\n  {describe_routing(result['routing'])}",
+                      highlight=False, soft_wrap=True)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    run: Path = typer.Argument(..., help="run directory (or checkpoint directory with --text)", show_default=False),
+    text: Optional[str] = typer.Option(None, "--text", help="text whose per-token recursion depth to show"),
+    out: Path = typer.Option(..., "--out", help="--text: an .html or .png file; --training-curves: a directory"),
+    curves: bool = typer.Option(False, "--training-curves", help="plot loss, validation loss and depth from metrics.jsonl"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+) -> None:
+    """Routing analysis: per-token depth of a text (HTML or PNG), or the training curves of a run."""
+    if curves == (text is not None):
+        raise AdaptiveError("inspect: give either --text TEXT (with --out FILE.html|.png) or --training-curves "
+                            "(with --out DIR)")
+    if curves:
+        from adaptive.eval.curves import training_curves
+
+        written = training_curves(run, out)
+    else:
+        from adaptive.eval.depthmap import token_depths, write
+        from adaptive.serving.loading import load_run
+
+        written = [write(token_depths(load_run(run, host().registry, device=device), text, run.name), out)]
+    for path in written:
+        console.print(f"[green]wrote[/green] {path}", highlight=False)
 
 
 def _vocab_size(loaded) -> int:

@@ -65,8 +65,11 @@ class FlopReport:
 
 
 def count_flops(model_cfg: ModelConfig, registry: Registry, seq_len: int, vocab_size: int | None = None, *,
-                kv_bytes_per_element: int = 2) -> FlopReport:
-    """Count parameters, FLOPs and KV bytes per token of ``model_cfg`` at sequence length ``seq_len``."""
+                kv_bytes_per_element: int = 2, active_fractions: list[float] | None = None) -> FlopReport:
+    """Count parameters, FLOPs and KV bytes per token of ``model_cfg`` at sequence length ``seq_len``.
+
+    ``active_fractions`` replaces the scheduled capacities by measured shares of tokens that ran each
+    step (``adaptive bench`` counts the FLOPs of the routing it observed)."""
     vocab = vocab_size or model_cfg.vocab_size
     if vocab is None:
         raise ValueError("model.vocab_size is unset: set it or give the tokenizer's vocabulary size")
@@ -76,6 +79,8 @@ def count_flops(model_cfg: ModelConfig, registry: Registry, seq_len: int, vocab_
     engine, plan = model.engine, model.plan
     policy = engine.kv_policy
     caps = engine.scheduler.capacities(engine.router.base_capacities(), None) if plan.steps else []
+    if active_fractions is not None:
+        caps = list(active_fractions)
     if len(caps) != plan.num_steps:
         raise ValueError(f"depth scheduler returned {len(caps)} capacities for {plan.num_steps} steps")
     D, H, G, E, T = model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim, seq_len

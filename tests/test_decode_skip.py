@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from adaptive.serving.generate import SamplingConfig, generate
+from adaptive.serving import SamplingParams, generate
+from adaptive.testing.serving import decode_alone
 from adaptive.model import ModelConfig, build_model
 from adaptive.plugins import get_registry
 
@@ -53,10 +54,11 @@ def test_decoding_runs_the_shared_block_only_for_tokens_that_continue(kv_policy)
     assert len(set(depths)) == NUM_STEPS + 1, "the fixture must produce every depth 0..N_r"
 
 
-def test_generate_reports_each_generated_tokens_depth():
+def test_generate_reports_the_depth_behind_each_generated_token():
     model = mor_model(EXPERT, "recursion_wise")
-    result = generate(model, [[3, 17, 8, 42]], SamplingConfig(max_new_tokens=6, greedy=True))
-    assert len(result.depths[0]) == 5 and all(0 <= d <= NUM_STEPS for d in result.depths[0])
+    result = generate(model, [[3, 17, 8, 42]], SamplingParams(max_tokens=6, temperature=0))[0]
+    assert len(result.depths) == len(result.tokens) == 6
+    assert result.depths == decode_alone(model, [3, 17, 8, 42], 6).depths
 
 
 def test_a_batch_gathers_only_the_rows_that_continue():

@@ -33,7 +33,7 @@ class BlockManager:
         self.lengths = np.zeros((max_rows, num_slots + 1), dtype=np.int64)
         self.held = np.zeros((max_rows, num_slots + 1), dtype=np.int64)  # blocks in each table
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.reserved: set[tuple[int, int]] = set()  # (row, slot) holding blocks reserved but maybe not written
+        self.reserved: list[tuple[int, int]] = []  # (row, slot) given blocks that a write may not use
         self.max_len = max_len
 
     # ------------------------------------------------------------------ accounting
@@ -49,52 +49,74 @@ class BlockManager:
     def entries_in_use(self) -> int:
         return int(self.lengths.sum())
 
-    def blocks_needed(self, row: int, extra: dict[int, int]) -> int:
-        """New blocks that ``extra[slot]`` more entries in each slot of ``row`` would take."""
-        bs = self.block_size
-        return sum(max(0, -(-(int(self.lengths[row, s]) + n) // bs) - int(self.held[row, s])) for s, n in extra.items())
-
     # ------------------------------------------------------------------ reserve, commit, release
 
-    def reserve(self, row: int, extra: dict[int, int]) -> None:
-        """Make room for ``extra[slot]`` more entries in each slot of ``row``: all of it, or nothing."""
-        need = self.blocks_needed(row, extra)
+    def reserve(self, row: int, slots: np.ndarray, extra: np.ndarray) -> None:
+        """Make room for ``extra[i]`` more entries in slot ``slots[i]`` (distinct) of ``row``: all, or nothing.
+        Most calls need no new block (a decode token fills one block in ``block_size``), so they cost a
+        few array operations."""
+        want = -(-(self.lengths[row, slots] + extra) // self.block_size)
+        held = self.held[row, slots]
+        grow = want > held
+        if not grow.any():
+            return
+        need = int((want - held)[grow].sum())
         if need > len(self.free):
             raise OutOfBlocks(f"{need} blocks needed, {len(self.free)} free")
-        bs = self.block_size
-        for s, n in extra.items():
-            want = -(-(int(self.lengths[row, s]) + n) // bs)
-            assert want <= self.max_blocks, "the scheduler keeps every sequence within the context"
-            for i in range(int(self.held[row, s]), want):
-                self.tables[row, s, i] = self.free.pop()
-            self.held[row, s] = max(int(self.held[row, s]), want)
-            self.reserved.add((row, s))
+        assert int(want.max()) <= self.max_blocks, "the scheduler keeps every sequence within the context"
+        for s, h, w in zip(slots[grow].tolist(), held[grow].tolist(), want[grow].tolist()):
+            taken = self.free[len(self.free) - (w - h):]
+            del self.free[len(self.free) - (w - h):]
+            self.tables[row, s, h:w] = taken
+            self.held[row, s] = w
+            self.reserved.append((row, s))
 
-    def commit(self, row: int, slot: int, written: int) -> None:
-        """``written`` entries were appended to the slot."""
-        length = int(self.lengths[row, slot]) + written
-        assert length <= int(self.held[row, slot]) * self.block_size, "a write outran its reservation"
-        self.lengths[row, slot] = length
+    def reserve_all(self, extra_RS: np.ndarray) -> None:
+        """``reserve`` for every row at once: ``extra_RS[row, slot]`` more entries (all, or nothing)."""
+        rows = slice(0, extra_RS.shape[0])
+        want = -(-(self.lengths[rows, : self.num_slots] + extra_RS) // self.block_size)
+        held = self.held[rows, : self.num_slots]
+        grow = want > held
+        if not grow.any():
+            return
+        need = int((want - held)[grow].sum())
+        if need > len(self.free):
+            raise OutOfBlocks(f"{need} blocks needed, {len(self.free)} free")
+        assert int(want.max()) <= self.max_blocks, "the scheduler keeps every sequence within the context"
+        for row, s in zip(*np.nonzero(grow)):
+            h, w = int(held[row, s]), int(want[row, s])
+            taken = self.free[len(self.free) - (w - h):]
+            del self.free[len(self.free) - (w - h):]
+            self.tables[row, s, h:w] = taken
+            self.held[row, s] = w
+            self.reserved.append((int(row), int(s)))
+
+    def commit(self, rows: np.ndarray, slots: np.ndarray, written: np.ndarray) -> None:
+        """``written[i]`` entries were appended to slot ``slots[i]`` of row ``rows[i]``."""
+        np.add.at(self.lengths, (rows, slots), written)
+        assert (self.lengths[rows, slots] <= self.held[rows, slots] * self.block_size).all(), \
+            "a write outran its reservation"
 
     def trim_reserved(self) -> None:
         """Return the reserved blocks that no write used (once every count of the iteration is known)."""
-        for row, slot in self.reserved:
-            self.trim(row, slot)
+        if not self.reserved:
+            return
+        rows, slots = np.array(self.reserved, dtype=np.int64).T
         self.reserved.clear()
-
-    def trim(self, row: int, slot: int) -> None:
-        keep = -(-int(self.lengths[row, slot]) // self.block_size)
-        for i in range(keep, int(self.held[row, slot])):
-            self.free.append(int(self.tables[row, slot, i]))
-            self.tables[row, slot, i] = self.trash_block
-        self.held[row, slot] = min(int(self.held[row, slot]), keep)
+        keep = -(-self.lengths[rows, slots] // self.block_size)
+        surplus = self.held[rows, slots] > keep
+        for row, slot, k in zip(rows[surplus].tolist(), slots[surplus].tolist(), keep[surplus].tolist()):
+            held = int(self.held[row, slot])
+            if held > k:  # (a pair may be listed twice)
+                self.free.extend(self.tables[row, slot, k:held].tolist())
+                self.tables[row, slot, k:held] = self.trash_block
+                self.held[row, slot] = k
 
     def release(self, row: int) -> None:
         """Return every block of ``row`` (its sequence finished or was preempted)."""
-        held = self.held[row]
-        for s in np.nonzero(held)[0]:
-            self.free.extend(int(b) for b in self.tables[row, s, : held[s]])
+        mine = np.arange(self.max_blocks)[None] < self.held[row][:, None]
+        self.free.extend(self.tables[row][mine].tolist())
         self.tables[row] = self.trash_block
         self.lengths[row] = 0
         self.held[row] = 0
-        self.reserved = {(r, s) for r, s in self.reserved if r != row}
+        self.reserved = [(r, s) for r, s in self.reserved if r != row]

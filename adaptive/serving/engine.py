@@ -30,6 +30,16 @@ from adaptive.serving.stats import EngineStats
 from adaptive.serving.text import TextTracker
 
 
+def batching_mode(model: AdaptiveLM) -> str:
+    """How the engine batches ``model``, in words (and why it falls back to per-step batching)."""
+    if not model.plan.steps:
+        return "continuous sequence batching (no recursion steps)"
+    groups, note = model.engine.shared_step_groups()
+    if note is None:
+        return "continuous depth-wise batching: every recursion step shares one call of the block"
+    return f"per-step batching ({len(groups)} calls per iteration): {note}"
+
+
 class ServingEngine:
     def __init__(self, model: AdaptiveLM, config: EngineConfig | None = None, *, tokenizer=None,
                  eos_id: int | None = None):
@@ -57,11 +67,7 @@ class ServingEngine:
 
     @property
     def batching(self) -> str:
-        """How the recursion steps are batched, in words."""
-        if not self.model.plan.steps:
-            return "continuous sequence batching (no recursion steps)"
-        note = self.runner.batching_note
-        return "continuous depth-wise batching" + (f" per step group: {note}" if note else "")
+        return batching_mode(self.model)
 
     # ------------------------------------------------------------------ requests
 
@@ -127,7 +133,6 @@ class ServingEngine:
             last = runner.block_calls(plan.continuing + admitted)
         else:
             last = admitted
-        self._finish(last)
         results = runner.sync()
         events = self._update(plan, last, results)
         self.blocks.trim_reserved()
@@ -141,12 +146,17 @@ class ServingEngine:
 
     def _update(self, plan: IterationPlan, last: list[Group], results) -> list[TokenEvent]:
         now = time.perf_counter()
-        done = plan.finishing + last
-        for g in done:
+        done = plan.finishing
+        for g in last:  # ran their last step: coda, head and sampling at the start of the next iteration
             g.finished = True
+        self.step0_commits: list[tuple[int, int]] = []
         for kind, meta, values in results:  # routing first: a group's depths are final before its token
             if kind == "selected":
                 self._routed(*meta, values)
+        if self.step0_commits:
+            rows, counts = np.array(self.step0_commits, dtype=np.int64).T
+            slots = np.asarray(self.model.engine.step_layers[0], dtype=np.int64)
+            self.blocks.commit(np.repeat(rows, len(slots)), np.tile(slots, len(rows)), np.repeat(counts, len(slots)))
         for g in done:
             if not g.cancelled:
                 self.stats.group_done(g)
@@ -160,21 +170,24 @@ class ServingEngine:
         return events
 
     def _routed(self, step: int, rows: list[tuple[Group, np.ndarray]], flags: list[int]) -> None:
+        """Take the decisions at ``step`` for the tokens ``rows`` (group, offsets): who runs it, who exited."""
+        flags_N = np.asarray(flags, dtype=bool)
+        commit_step0 = step == 0 and self.runner.writes[0] == "selected"  # written on the device, counted now
         start = 0
         for g, offsets in rows:
-            f = np.asarray(flags[start:start + len(offsets)], dtype=bool)
+            f = flags_N[start:start + len(offsets)]
             start += len(offsets)
             if g.cancelled:
                 continue
             live = offsets[f]
-            before = offsets if g.live is None else np.intersect1d(offsets, g.live)
-            gone = np.setdiff1d(before, live)
-            if len(gone):  # exited at ``step``; step 0's keys/values were written in its block call
-                g.exits.append((gone, step if step > 0 else 1))
+            was = g.live_mask[offsets]
+            gone_mask = was & ~f
+            if gone_mask.any():  # exited at ``step``; step 0's keys/values were written in its block call
+                g.exits.append((offsets[gone_mask], step if step > 0 else 1))
+            g.live_mask[offsets] = f
             g.depth_T[live] = step + 1
-            if step == 0 and self.runner.writes[0] == "selected":  # written on the device, counted now
-                for slot in self.model.engine.step_layers[0]:
-                    self.blocks.commit(g.request.row, slot, len(live))
+            if commit_step0:
+                self.step0_commits.append((g.request.row, len(live)))
             g.live, g.step = live, step
             if not len(live):
                 g.finished = True

@@ -76,44 +76,77 @@ class AttentionBatch:
     index_RK: Tensor | None  # flat index of each row's tokens, padded (rows of several tokens)
     real: Tensor | None  # positions of the real tokens in the flattened (R K) layout
     in_order: bool  # one-token rows covering the whole call in order: no gathers needed
+    mask: Tensor | None = None  # the attention mask, once built (shared by every layer when ``same_mask``)
 
 
 class PagedCall(TokenKV):
     """Writes and attention of one call (see the module docstring)."""
 
     def __init__(self, pool: KVPool, tables: np.ndarray, lengths: np.ndarray, rows: CallRows, col_N: Tensor,
-                 write_N: Tensor, backend: AttentionBackend, max_col: int):
-        self.pool, self.backend, self.rows = pool, backend, rows
+                 may_write_N: np.ndarray, decided_N: Tensor | None, backend: AttentionBackend, max_col: int):
+        """``may_write_N``: the tokens whose policy stores their keys/values here; ``decided_N`` (None: all
+        True), the routing decision known only on the device: a token writes iff both hold. Everything the
+        host knows is computed on the host; the device only applies ``decided_N``."""
+        self.pool, self.backend, self.rows, self._tables = pool, backend, rows, tables
         self.span = max_col + 1  # columns [0, span) cover every key a query of this call may see
-        device = pool.kv.device
+        device = self.device = pool.kv.device
         bs = pool.block_size
-        seq_R1, counts = rows.seq_R[:, None], rows.counts_R
+        seq_R1, counts, starts = rows.seq_R[:, None], rows.counts_R, rows.starts_R
         self.N = int(counts.sum())
         self.col_N = col_N
+        row_N = np.repeat(np.arange(len(counts)), counts)
         # --- where each token's entry goes, per layer: base length of the row's slot + rank among writers
-        row_N = torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).to(device)
-        write_long_N = write_N.long()
-        before_N = write_long_N.cumsum(0) - write_long_N
-        rank_N = before_N - before_N.index_select(0, torch.from_numpy(rows.starts_R).to(device)).index_select(0, row_N)
+        before_N = np.cumsum(may_write_N) - may_write_N
+        rank_N = before_N - before_N[starts][row_N]
         base_RJ = lengths[seq_R1, rows.write_slot_RJ]
-        entry_NJ = torch.from_numpy(base_RJ).to(device).index_select(0, row_N) + rank_N[:, None]
-        wblocks = max(1, int(-(-(base_RJ + counts[:, None]).max() // bs)))
-        wtable_RJB = torch.from_numpy(np.ascontiguousarray(tables[seq_R1, rows.write_slot_RJ, :wblocks])).to(device)
-        block_NJ = wtable_RJB.index_select(0, row_N).gather(2, (entry_NJ // bs).clamp(max=wblocks - 1)[..., None])[..., 0]
-        self.flat_NJ = torch.where(write_N[:, None], block_NJ * bs + entry_NJ % bs, pool.trash_entry)
-        count_R = torch.zeros(len(counts), dtype=torch.long, device=device).index_add_(0, row_N, write_long_N)
-        # --- what each row reads, per layer: blocks of the read slots, and each slot's length after the write
+        entry_NJ = base_RJ[row_N] + rank_N[:, None]
+        block_NJ = tables[rows.seq_R[row_N][:, None], rows.write_slot_RJ[row_N], np.minimum(entry_NJ // bs, tables.shape[2] - 1)]
+        flat_NJ = np.where(may_write_N[:, None], block_NJ * bs + entry_NJ % bs, pool.trash_entry)
+        count_R = np.bincount(row_N, weights=may_write_N, minlength=len(counts)).astype(np.int64)
         read_base_RJX = lengths[seq_R1[..., None], rows.read_slot_RJX]
-        own_RJX = torch.from_numpy(rows.read_slot_RJX == rows.write_slot_RJ[..., None]).to(device)
-        self.read_len_RJX = torch.from_numpy(read_base_RJX).to(device) + own_RJX * count_R[:, None, None]
+        own_RJX = rows.read_slot_RJX == rows.write_slot_RJ[..., None]
+        # every write stores all layers of a prelude, step or coda together, for the same tokens, so slots of
+        # equal length hold the same columns in the same order: one mask then serves every layer
+        self.same_mask = bool((read_base_RJX == read_base_RJX[:, :1]).all() and (own_RJX == own_RJX[:, :1]).all())
+        if decided_N is None:
+            self.flat_NJ = self._t(flat_NJ)
+            self.read_len_RJX = self._t(read_base_RJX + own_RJX * count_R[:, None, None])
+        else:
+            self._device_writes(decided_N, may_write_N, row_N, flat_NJ, base_RJ, read_base_RJX, own_RJX)
+        # --- what each row reads, per layer: the blocks of the slots its step reads
         rblocks = max(1, int(-(-(read_base_RJX + counts[:, None, None]).max() // bs)))
-        rtable = tables[seq_R1[..., None], rows.read_slot_RJX, :rblocks]  # R J X B
-        self.rtable_RJXB = torch.from_numpy(np.ascontiguousarray(rtable)).to(device)
+        self.rtable_RJXB = self._t(tables[seq_R1[..., None], rows.read_slot_RJX, :rblocks])  # R J X B
         self.batches = self._batches(device)
+
+    def _t(self, array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def _device_writes(self, decided_N: Tensor, may_write_N: np.ndarray, row_N: np.ndarray, flat_NJ: np.ndarray,
+                       base_RJ: np.ndarray, read_base_RJX: np.ndarray, own_RJX: np.ndarray) -> None:
+        """Entries when some tokens' routing is known only on the device: a row of several such tokens
+        ranks its writers on the device (a one-token row's rank is 0 either way)."""
+        bs, trash = self.pool.block_size, self.pool.trash_entry
+        writes_N = decided_N & self._t(may_write_N)
+        row_t = self._t(row_N)
+        if (self.rows.counts_R > 1).any():
+            w = writes_N.long()
+            before = w.cumsum(0) - w
+            rank_N = before - before.index_select(0, self._t(self.rows.starts_R)).index_select(0, row_t)
+            entry_NJ = self._t(base_RJ).index_select(0, row_t) + rank_N[:, None]
+            wblocks = max(1, int(-(-(base_RJ + self.rows.counts_R[:, None]).max() // bs)))
+            seq_R1 = self.rows.seq_R[:, None]
+            tables = self._t(self._tables[seq_R1, self.rows.write_slot_RJ, :wblocks]).index_select(0, row_t)
+            block_NJ = tables.gather(2, (entry_NJ // bs).clamp(max=wblocks - 1)[..., None])[..., 0]
+            self.flat_NJ = torch.where(writes_N[:, None], block_NJ * bs + entry_NJ % bs, trash)
+        else:
+            self.flat_NJ = torch.where(writes_N[:, None], self._t(flat_NJ), trash)
+        count_R = torch.zeros(len(self.rows.counts_R), dtype=torch.long, device=self.device)
+        count_R.index_add_(0, row_t, writes_N.long())
+        self.read_len_RJX = self._t(read_base_RJX) + self._t(own_RJX) * count_R[:, None, None]
 
     def _batches(self, device: torch.device) -> list[AttentionBatch]:
         counts, starts = self.rows.counts_R, self.rows.starts_R
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        as_tensor = self._t
         single = np.flatnonzero(counts == 1)
         multi = np.flatnonzero(counts > 1)
         out = []
@@ -155,25 +188,35 @@ class PagedCall(TokenKV):
         blocks = table_RXB.reshape(-1)
         kv_RS2GE = pool.kv.index_select(0, blocks).view(R, X * B * bs, *pool.kv.shape[2:])
         k_RGSE, v_RGSE = kv_RS2GE[:, :, 0].transpose(1, 2), kv_RS2GE[:, :, 1].transpose(1, 2)
-        key_col_RS = pool.cols.index_select(0, blocks).view(R, X * B * bs)
+        if batch.index_RK is None:  # one query per row: the row's single token
+            q_HRE = q_HNE if batch.in_order else q_HNE.index_select(1, batch.tokens)
+            q_RHKE = q_HRE.transpose(0, 1)[:, :, None]
+        else:
+            q_RHKE = q_HNE.index_select(1, batch.index_RK.reshape(-1)).view(H, R, -1, E).transpose(0, 1)
+        allowed_RKS = batch.mask if self.same_mask and batch.mask is not None else self.mask(j, batch, blocks, X, B)
+        batch.mask = allowed_RKS
+        out_RHKE = self.backend.attend(q_RHKE, k_RGSE, v_RGSE, allowed_BQS=allowed_RKS, causal=False)
+        if batch.index_RK is None:
+            return out_RHKE[:, :, 0].transpose(0, 1)
+        return out_RHKE.transpose(0, 1).reshape(H, -1, E).index_select(1, batch.real)
+
+    def mask(self, j: int, batch: AttentionBatch, blocks: Tensor, X: int, B: int) -> Tensor:
+        """(R, K, S): an entry is visible to a query iff it is stored, not later than the query's column, and
+        not shadowed by an earlier-listed slot at the same column."""
+        bs = self.pool.block_size
+        R = batch.rows_R.shape[0]
+        key_col_RS = self.pool.cols.index_select(0, blocks).view(R, X * B * bs)
         read_len_RX = self.read_len_RJX[:, j] if batch.in_order else self.read_len_RJX[:, j].index_select(0, batch.rows_R)
         entry_S = torch.arange(B * bs, device=blocks.device).repeat(X)
         present_RS = entry_S[None] < read_len_RX.repeat_interleave(B * bs, dim=1)
         if X > 1:
             present_RS = present_RS & ~self.shadowed(key_col_RS, present_RS, X, self.span)
-        if batch.index_RK is None:  # one query per row: the row's single token
-            q_HRE = q_HNE if batch.in_order else q_HNE.index_select(1, batch.tokens)
-            q_RHKE = q_HRE.transpose(0, 1)[:, :, None]
+        if batch.index_RK is None:
             q_col_RK = (self.col_N if batch.in_order else self.col_N.index_select(0, batch.tokens))[:, None]
         else:
-            q_RHKE = q_HNE.index_select(1, batch.index_RK.reshape(-1)).view(H, R, -1, E).transpose(0, 1)
             q_col_RK = self.col_N[batch.index_RK]
         allowed_RKS = present_RS[:, None, :] & (key_col_RS[:, None, :] <= q_col_RK[:, :, None])
-        allowed_RKS = ensure_nonempty(allowed_RKS, (torch.arange(X * B * bs, device=blocks.device) == 0)[None, None])
-        out_RHKE = self.backend.attend(q_RHKE, k_RGSE, v_RGSE, allowed_BQS=allowed_RKS, causal=False)
-        if batch.index_RK is None:
-            return out_RHKE[:, :, 0].transpose(0, 1)
-        return out_RHKE.transpose(0, 1).reshape(H, -1, E).index_select(1, batch.real)
+        return ensure_nonempty(allowed_RKS, (torch.arange(X * B * bs, device=blocks.device) == 0)[None, None])
 
     @staticmethod
     def shadowed(key_col_RS: Tensor, present_RS: Tensor, X: int, span: int) -> Tensor:

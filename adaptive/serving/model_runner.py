@@ -45,6 +45,8 @@ class ModelRunner:
                            for s in range(plan.num_steps)]
         self.capacities = engine.inference_capacities()
         self.step_groups, self.batching_note = engine.shared_step_groups()
+        self.max_reads = max([len(engine.kv_policy.reads(s)) for s in range(plan.num_steps)] + [1])
+        self._tables: dict[tuple, np.ndarray] = {}
         D = model.config.d_model
         self.hidden_AD = torch.zeros(arena_size, D, dtype=self.dtype, device=self.device)
         self.first_AD = torch.zeros_like(self.hidden_AD)
@@ -53,6 +55,9 @@ class ModelRunner:
         self.carry_A: Any = None
         self.free_arena: list[int] = list(range(arena_size - 1, -1, -1))
         self.next_token_R = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        positions = torch.arange(blocks.max_len, device=self.device)[None]
+        cos, sin = model.rotary.cos_sin(positions, self.dtype)  # rotary tables at every column, once
+        self.cos_LE, self.sin_LE = cos[0, 0], sin[0, 0]
         self.payload: list[tuple[str, Any, Tensor]] = []
 
     # ------------------------------------------------------------------ arena
@@ -70,37 +75,47 @@ class ModelRunner:
     # ------------------------------------------------------------------ calls
 
     def _call(self, rows: list[tuple[Group, np.ndarray]], write_slots: list[tuple[int, ...]],
-              read_slots: list[list[tuple[int, ...]]], write_N: Tensor, col_N: Tensor, max_col: int) -> PagedCall:
+              read_slots: list[list[tuple[int, ...]]], may_write_N: np.ndarray, decided_N: Tensor | None,
+              col_N: Tensor, max_col: int) -> PagedCall:
         J = len(write_slots[0])
-        X = max(len(r) for reads in read_slots for r in reads)
-        read_RJX = np.full((len(rows), J, X), self.empty_slot, dtype=np.int64)
-        for i, reads in enumerate(read_slots):
-            for j, r in enumerate(reads):
-                read_RJX[i, j, : len(r)] = r
+        read_RJX = np.stack([self._read_table(reads) for reads in read_slots]) if len(read_slots) > 1 else \
+            self._read_table(read_slots[0])[None]
         call_rows = CallRows(np.array([g.request.row for g, _ in rows], dtype=np.int64),
                              np.array([len(t) for _, t in rows], dtype=np.int64),
                              np.array(write_slots, dtype=np.int64).reshape(len(rows), J), read_RJX)
-        return PagedCall(self.pool, self.blocks.tables, self.blocks.lengths, call_rows, col_N, write_N,
+        return PagedCall(self.pool, self.blocks.tables, self.blocks.lengths, call_rows, col_N, may_write_N, decided_N,
                          self.engine.backend, max_col)
+
+    def _read_table(self, reads: list[tuple[int, ...]]) -> np.ndarray:
+        """(J, X) slots read by each layer, padded with the empty slot (cached per distinct reads)."""
+        key = tuple(reads)
+        table = self._tables.get(key)
+        if table is None:
+            table = np.full((len(reads), self.max_reads), self.empty_slot, dtype=np.int64)
+            for j, r in enumerate(reads):
+                table[j, : len(r)] = r
+            self._tables[key] = table
+        return table
 
     def _positions(self, rows: list[tuple[Group, np.ndarray]]) -> tuple[np.ndarray, Tensor, Tensor, Tensor]:
         cols = np.concatenate([g.start + t for g, t in rows]).astype(np.int64)
         col_N = self._t(cols)
-        cos, sin = self.model.rotary.cos_sin(col_N[None], self.dtype)
-        return cols, col_N, cos[0, 0], sin[0, 0]
+        return cols, col_N, self.cos_LE.index_select(0, col_N), self.sin_LE.index_select(0, col_N)
 
     def _commit(self, rows: list[tuple[Group, np.ndarray]], slots: list[tuple[int, ...]]) -> None:
-        for (g, t), row_slots in zip(rows, slots):
-            for slot in row_slots:
-                if slot != self.empty_slot:
-                    self.blocks.commit(g.request.row, slot, len(t))
+        if not rows:
+            return
+        slot_RJ = np.array(slots, dtype=np.int64).reshape(len(rows), -1)
+        seq_RJ = np.repeat([g.request.row for g, _ in rows], slot_RJ.shape[1]).reshape(slot_RJ.shape)
+        count_RJ = np.repeat([len(t) for _, t in rows], slot_RJ.shape[1]).reshape(slot_RJ.shape)
+        real = slot_RJ != self.empty_slot
+        self.blocks.commit(seq_RJ[real], slot_RJ[real], count_RJ[real])
 
     def run_segment(self, layers: tuple[int, ...], rows: list[tuple[Group, np.ndarray]], x_ND: Tensor) -> Tensor:
         """Prelude or coda layers: every token writes and reads its own layer's slot."""
         cols, col_N, cos, sin = self._positions(rows)
-        write_N = torch.ones(len(cols), dtype=torch.bool, device=self.device)
-        call = self._call(rows, [layers] * len(rows), [[(l,) for l in layers]] * len(rows), write_N, col_N,
-                          int(cols.max()))
+        call = self._call(rows, [layers] * len(rows), [[(l,) for l in layers]] * len(rows), np.ones(len(cols), bool),
+                          None, col_N, int(cols.max()))
         out_ND = self.engine.run_tokens(layers, x_ND, cos, sin, call)
         self._commit(rows, [layers] * len(rows))
         return out_ND
@@ -124,9 +139,8 @@ class ModelRunner:
             arena = self._t(np.concatenate([g.arena[t] for g, t in rows]))
             h_ND = self.hidden_AD.index_select(0, arena)
             layers = tuple(self.engine.step_layers[step])
-            write_N = torch.ones(len(cols), dtype=torch.bool, device=self.device)
-            call = self._call(rows, [layers] * len(rows), [[(l,) for l in layers]] * len(rows), write_N, col_N,
-                              int(cols.max()))
+            call = self._call(rows, [layers] * len(rows), [[(l,) for l in layers]] * len(rows),
+                              np.ones(len(cols), bool), None, col_N, int(cols.max()))
             for j, logical in enumerate(layers):
                 call.write(j, *self.engine.keys_values_of(logical, h_ND, cos, sin))
             self._commit(rows, [layers] * len(rows))
@@ -225,14 +239,17 @@ class ModelRunner:
         carry = self.carry_of(arena)
         writes = [self.writes[g.step] for g in groups]
         counts = [len(t) for _, t in rows]
-        stores = self._t(np.repeat([w != "none" for w in writes], counts))
-        every = self._t(np.repeat([w == "all" for w in writes], counts))
-        write_N = stores & (sel_N | every)
+        may_write_N = np.repeat([w != "none" for w in writes], counts)
+        undecided = [g.live is None and w == "selected" for g, w in zip(groups, writes)]
+        decided_N = None
+        if any(undecided):  # step-0 routing of just-admitted tokens, known on the device only
+            decided_N = sel_N | self._t(np.repeat([not u for u in undecided], counts))
         frozen = any(w == "all" and g.live is None for w, g in zip(writes, groups))
         step_layers = self.engine.step_layers
         write_slots = [tuple(step_layers[g.step]) if w != "none" else (self.empty_slot,) * len(step_layers[0])
                        for g, w in zip(groups, writes)]
-        call = self._call(rows, write_slots, [self.read_slots[g.step] for g in groups], write_N, col_N, int(cols.max()))
+        call = self._call(rows, write_slots, [self.read_slots[g.step] for g in groups], may_write_N, decided_N, col_N,
+                          int(cols.max()))
         out_ND = self.engine.run_tokens(tuple(step_layers[groups[0].step]), x_ND, cos, sin, call,
                                         frozen_ND=x_ND if frozen else None, frozen_N=~sel_N if frozen else None)
         self._commit([r for r, g in zip(rows, groups) if g.live is not None or self.writes[g.step] == "all"],

@@ -62,7 +62,9 @@ class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, runner, num_steps: int,
                  step_slots: list[list[int]], prelude: tuple[int, ...], coda: tuple[int, ...], writes: list[str]):
         self.config, self.blocks, self.runner = config, blocks, runner
-        self.num_steps, self.step_slots, self.prelude, self.coda, self.writes = num_steps, step_slots, prelude, coda, writes
+        self.num_steps, self.writes = num_steps, writes
+        self.step_slots = [np.asarray(s, dtype=np.int64) for s in step_slots]
+        self.prelude, self.coda = np.asarray(prelude, dtype=np.int64), np.asarray(coda, dtype=np.int64)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(config.max_batch - 1, -1, -1))
@@ -76,51 +78,87 @@ class Scheduler:
     def plan(self, now: float) -> IterationPlan:
         plan = IterationPlan()
         self.short_of_blocks = False
-        for q in sorted(self.running, key=lambda q: q.arrival):
-            if q.status is Status.RUNNING and q.group is not None:
-                self._plan_in_flight(q, plan)
+        self._plan_in_flight(plan)
         self._plan_admissions(now, plan)
         if plan.empty and self.short_of_blocks and self.running:  # every running request waits for blocks the others hold
             self.preempt(max(self.running, key=lambda q: q.arrival), plan)
             self._plan_admissions(now, plan)
         return plan
 
-    def _plan_in_flight(self, q: Request, plan: IterationPlan) -> None:
-        g = q.group
+    def _plan_in_flight(self, plan: IterationPlan) -> None:
+        """Groups in flight go on (all at once when the blocks suffice, else one by one, preempting)."""
+        flying = sorted((q for q in self.running if q.group is not None), key=lambda q: q.arrival)
+        needs = [self._in_flight_need(q.group) for q in flying]
+        together = self._reserve_bulk([q.row for q in flying], needs)
+        for q, need in zip(flying, needs):
+            if q.status is Status.RUNNING and (together or self._reserve(q, need, plan, may_wait=False)):
+                g = q.group
+                plan.fills += [(g, t, first) for t, first in g.exits]
+                g.exits = []
+                (plan.finishing if g.finished else plan.continuing).append(g)
+
+    def _in_flight_need(self, g: Group) -> list[tuple[np.ndarray, int]]:
         need = [(self.step_slots[step], len(t)) for t, first in g.exits for step in range(first, self.num_steps)
                 if self.writes[step] == "all"]
-        if not g.finished and self.writes[g.step] != "none":
+        if g.finished:
+            need.append((self.coda, g.length))
+        elif self.writes[g.step] != "none":
             need.append((self.step_slots[g.step], len(g.running())))
-        if g.finished or g.step + 1 == self.num_steps:
-            need.append((list(self.coda), g.length))
-        if not self._reserve(q, need, plan, may_wait=False):
-            return
-        plan.fills += [(g, t, first) for t, first in g.exits]
-        g.exits = []
-        (plan.finishing if g.finished else plan.continuing).append(g)
+        return need
 
     def _plan_admissions(self, now: float, plan: IterationPlan) -> None:
-        budget = self.config.max_tokens_per_iteration
+        """Next groups of running requests (decode tokens first), then new requests, under the budget."""
+        budget, arena = self.config.max_tokens_per_iteration, len(self.runner.free_arena)
         finishing = {id(g.request) for g in plan.finishing}
         ready = [q for q in self.running if q.status is Status.RUNNING and q.next_group is None
                  and (q.group is None or id(q) in finishing)]
         ready.sort(key=lambda q: (self._remaining(q)[1] - self._remaining(q)[0] > 1, q.arrival))  # decodes first
+        proposals: list[tuple[Request, int, int, int]] = []  # (request, batch row, first column, tokens)
         for q in ready:
-            if budget > 0 and q.status is Status.RUNNING:  # (an earlier admission may have preempted it)
-                budget -= self._admit(q, budget, plan)
-        while self.waiting and budget > 0 and self.free_rows:
-            q = self.waiting[0]
-            if q.arrival > now or q.pending:
+            done, n = self._next_span(q, min(budget, arena))
+            if n:
+                proposals.append((q, q.row, done, n))
+                budget, arena = budget - n, arena - n
+        rows = list(self.free_rows)
+        for q in self.waiting:
+            if budget <= 0 or not rows or q.arrival > now or q.pending:
                 break
-            self.waiting.popleft()
-            q.row, q.status = self.free_rows.pop(), Status.RUNNING
-            self.running.append(q)
-            used = self._admit(q, budget, plan)
-            if used == 0:  # no room yet: back to the head of the queue
-                self._unrun(q)
-                self.waiting.appendleft(q)
+            done, n = self._next_span(q, min(budget, arena))
+            if not n:
                 break
-            budget -= used
+            proposals.append((q, rows.pop(), done, n))
+            budget, arena = budget - n, arena - n
+        needs = [self._admission_need(n) for _, _, _, n in proposals]
+        if self._reserve_bulk([row for _, row, _, _ in proposals], needs):
+            for (q, row, done, n), need in zip(proposals, needs):
+                if q.row is None:
+                    self._run(q, row)
+                self._start_group(q, done, n, plan)
+            return
+        budget = self.config.max_tokens_per_iteration
+        for q, row, _, _ in proposals:  # short of blocks: one by one, preempting later arrivals
+            fresh = q.row is None
+            if fresh:
+                if q.status is not Status.WAITING or not self.free_rows or q is not self.waiting[0]:
+                    break
+                self._run(q, self.free_rows[-1])
+            elif q.status is not Status.RUNNING or q.row != row:
+                continue  # preempted by an earlier admission
+            done, n = self._next_span(q, min(budget, len(self.runner.free_arena)))
+            if n and self._reserve(q, self._admission_need(n), plan, may_wait=True):
+                budget -= n
+                self._start_group(q, done, n, plan)
+            elif fresh:  # no room yet: back to the head of the queue
+                if q.status is Status.RUNNING:
+                    self._unrun(q)
+                    self.waiting.appendleft(q)
+                break
+
+    def _run(self, q: Request, row: int) -> None:
+        self.waiting.remove(q)
+        self.free_rows.remove(row)
+        q.row, q.status = row, Status.RUNNING
+        self.running.append(q)
 
     def _remaining(self, q: Request) -> tuple[int, int]:
         """(first column of ``q``'s next group, columns known by then), counting the group that finishes now."""
@@ -129,45 +167,59 @@ class Scheduler:
             done, total = q.group.start + q.group.length, total + q.group.samples
         return done, total
 
-    def _admit(self, q: Request, budget: int, plan: IterationPlan) -> int:
-        """Plan ``q``'s next group; returns the tokens it takes from the budget (0: none can start now)."""
+    def _next_span(self, q: Request, budget: int) -> tuple[int, int]:
+        """(first column, tokens) of ``q``'s next group within ``budget`` tokens; 0 tokens: none now."""
         done, total = self._remaining(q)
         if total - len(q.prompt) >= q.params.max_tokens or done >= total or done >= self.max_len:
-            return 0  # the request ends when its newest token reaches the host
-        end = min(total, done + budget)
-        n = end - done
-        if n > len(self.runner.free_arena):
-            return 0
-        need = [(list(self.prelude), n)]
+            return done, 0  # the request ends when its newest token reaches the host
+        return done, max(0, min(total, done + budget) - done)
+
+    def _admission_need(self, n: int) -> list[tuple[np.ndarray, int]]:
+        need = [(self.prelude, n)]
         if self.num_steps and self.writes[0] != "none":
             need.append((self.step_slots[0], n))
-        if self.num_steps <= 1:
-            need.append((list(self.coda), n))
-        if not self._reserve(q, need, plan, may_wait=True):
-            return 0
-        samples = end == total
+        return need
+
+    def _start_group(self, q: Request, done: int, n: int, plan: IterationPlan) -> None:
+        _, total = self._remaining(q)
+        samples = done + n == total
         from_device = samples and (q.pending or (q.group is not None and q.group.samples))
         g = Group(q, done, n, self.runner.take_arena(n), samples, from_device)
-        ids = [] if from_device else [q.token_at(c) for c in range(done, end)]
+        ids = [] if from_device else [q.token_at(c) for c in range(done, done + n)]
         plan.admitted.append((g, ids))
         if q.group is None:
             q.group = g
         else:  # the group in flight finishes in this iteration, before this one starts
             q.next_group = g
-        return n
 
     # ------------------------------------------------------------------ blocks and preemption
+
+    def _reserve_bulk(self, rows: list[int], needs: list[list[tuple[np.ndarray, int]]]) -> bool:
+        """Reserve everything at once when the pool has room for all of it (the common case)."""
+        extra = np.zeros((self.config.max_batch, self.blocks.num_slots), dtype=np.int64)
+        for row, need in zip(rows, needs):
+            for slots, n in need:
+                extra[row, slots] += n
+        try:
+            self.blocks.reserve_all(extra)
+            return True
+        except OutOfBlocks:
+            self.short_of_blocks = True
+            return False
 
     def _reserve(self, q: Request, need: list[tuple[list[int], int]], plan: IterationPlan, may_wait: bool) -> bool:
         """Reserve blocks for ``need`` ((slots, entries) pairs) of ``q``, preempting the latest-arrived
         request while short. False: nothing reserved (``q`` itself was preempted, or waits)."""
-        extra: dict[int, int] = {}
+        extra = np.zeros(self.blocks.num_slots, dtype=np.int64)
         for slots, n in need:
-            for s in slots:
-                extra[s] = extra.get(s, 0) + n
+            extra[slots] += n  # (the slots of one entry are distinct)
+        slots = np.flatnonzero(extra)
+        if not len(slots):
+            return True
+        extra = extra[slots]
         while True:
             try:
-                self.blocks.reserve(q.row, extra)
+                self.blocks.reserve(q.row, slots, extra)
                 return True
             except OutOfBlocks:
                 self.short_of_blocks = True

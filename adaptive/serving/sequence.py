@@ -118,6 +118,7 @@ class Group:
 
     def __post_init__(self) -> None:
         self.depth_T = np.zeros(self.length, dtype=np.int64)
+        self.live_mask = np.ones(self.length, dtype=bool)  # still running (until a decision says otherwise)
 
     @property
     def cols(self) -> np.ndarray:

@@ -124,3 +124,41 @@ def check_inputs(draw, parts: dict[str, str], registry: Registry | None = None, 
         capacities=draw(capacities(config.num_recursions)) if fixed and config.num_recursions > 1 else None,
         progress=draw(st.none() | st.floats(0.0, 1.0)),
     )
+
+
+@dataclass
+class ServingInputs:
+    """One drawn model, prompts and engine schedule for ``check_serving_consistency``."""
+
+    config: ModelConfig
+    seed: int
+    prompts: list[list[int]]
+    max_tokens: int
+    schedule: "Schedule"
+    capacities: list[float] | None
+
+    def serving(self) -> dict:
+        return dict(seed=self.seed, prompts=self.prompts, max_tokens=self.max_tokens, schedule=self.schedule,
+                    capacities=self.capacities)
+
+
+@st.composite
+def serving_inputs(draw, parts: dict[str, str], registry: Registry | None = None, max_prompts: int = 4,
+                   max_recursions: int = 3) -> ServingInputs:
+    """A micro model, prompts of drawn lengths, arrival iterations (the order of arrival with them), batch
+    and token limits, block size, and a pool between one request's worst case and plenty (small pools
+    preempt), plus per-step capacities (the routing depths)."""
+    from adaptive.testing.serving import Schedule
+
+    config = draw(model_configs(parts, registry, max_recursions))
+    n = draw(st.integers(1, max_prompts))
+    prompts = [draw(st.lists(st.integers(0, 63), min_size=1, max_size=16)) for _ in range(n)]
+    max_tokens = draw(st.integers(1, 8))
+    block_size = draw(st.sampled_from([1, 2, 4, 16]))
+    worst = max(-(-(len(p) + max_tokens) // block_size) for p in prompts) * (config.num_layers + 2)
+    schedule = Schedule(arrivals=draw(st.lists(st.integers(0, 6), min_size=n, max_size=n)),
+                        max_batch=draw(st.integers(1, 4)), max_tokens_per_iteration=draw(st.integers(1, 24)),
+                        block_size=block_size, num_blocks=draw(st.none() | st.integers(worst, 3 * worst)))
+    fixed = draw(st.booleans())
+    return ServingInputs(config, draw(seeds()), prompts, max_tokens, schedule,
+                         draw(capacities(config.num_recursions)) if fixed and config.num_recursions > 1 else None)
