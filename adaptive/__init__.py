@@ -5,6 +5,7 @@ The public API for plugin authors: ``hookimpl``, the interface base classes and 
 
 from adaptive.errors import AdaptiveError, DataError, PluginError, RecipeError, UnknownComponentError
 from adaptive.hookspecs import hookimpl
+from adaptive.model.block import fused_weight
 from adaptive.interfaces import (
     FFN,
     AttentionBackend,
@@ -29,5 +30,5 @@ __all__ = [
     "FFN", "AdaptiveError", "AttentionBackend", "Component", "ComponentConfig", "DataError", "DataSource",
     "DepthPlan", "DepthScheduler", "FFNOutput", "KVPolicy", "ModelOutput", "PluginError", "RecipeError",
     "RouteContext", "RouteDecision", "Router", "RoutingStats", "SharingScheme", "UnknownComponentError",
-    "hookimpl", "__version__",
+    "fused_weight", "hookimpl", "__version__",
 ]

@@ -110,7 +110,7 @@ def generate_cmd(
     greedy: bool = typer.Option(False, "--greedy", help="argmax decoding (the same as --temperature 0)"),
     temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="sampling temperature; 0 = greedy"),
     top_k: int = typer.Option(50, "--top-k", min=0, help="sample among the k most likely tokens; 0 = all"),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="nucleus sampling mass; 1 = all"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass in (0, 1]; 1 = all"),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="seed of the samples (each prompt gets seed + i)"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable); the text ends before it"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
@@ -122,6 +122,8 @@ def generate_cmd(
     """Continue prompts with a trained model on the serving engine (paged KV, depth-wise batching)."""
     import time
 
+    from pydantic import ValidationError
+
     from adaptive.serving.generate import LLM
     from adaptive.serving.sampling import SamplingParams
     from adaptive.serving.scheduler import EngineConfig
@@ -129,8 +131,11 @@ def generate_cmd(
     try:
         llm = LLM.from_run(run, device=device, dtype=dtype, config=EngineConfig(max_batch=batch))
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_k=top_k,
-                                 top_p=top_p if top_p > 0 else 1.0, stop=tuple(stop or ()),
+                                 top_p=top_p, stop=tuple(stop or ()),
                                  seed=None if seed is None else seed + i) for i in range(len(prompt))]
+    except ValidationError as exc:
+        raise AdaptiveError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                                      for e in exc.errors())) from None
     except ValueError as exc:
         raise AdaptiveError(str(exc)) from None
     start = time.perf_counter()
@@ -275,12 +280,14 @@ def eval_cmd(
     runs: list[Path] = typer.Argument(..., help="run or checkpoint directories (several: a comparison table)",
                                       show_default=False),
     as_json: bool = typer.Option(False, "--json", help="print JSON (an object per run; a list for several)"),
-    data: Optional[Path] = typer.Option(None, "--data", help="a .txt/.jsonl/.parquet file instead of the held-out split"),
+    data: Optional[Path] = typer.Option(None, "--data",
+                                        help="a .txt/.jsonl/.parquet file instead of the held-out split"),
     rows: Optional[int] = typer.Option(None, "--rows", min=1, help="evaluate the first N rows only (default: all)"),
     tasks: str = typer.Option("lambada,description", "--tasks", help="comma-separated zero-shot tasks, or none"),
     items: Optional[int] = typer.Option(None, "--items", min=1, help="items per task (default: all)"),
     seed: int = typer.Option(0, "--seed", help="seed of the task construction"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="rows per batch (default: train.batch_size)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="rows per batch (default: train.batch_size)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
 ) -> None:
     """Validation loss and perplexity, offline zero-shot tasks and routing statistics, in inference mode."""
@@ -289,7 +296,7 @@ def eval_cmd(
     names = [] if tasks.strip() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
     try:
         options = EvalOptions(data_file=None if data is None else str(data), max_rows=rows, tasks=names,
-                              task_items=items, seed=seed, batch_size=batch_size, device=device)
+                              task_items=items, seed=seed, batch_size=batch_size, device=_device(device))
     except ValueError as exc:
         raise AdaptiveError(f"--tasks: {exc}") from None
     with progress_bar() as stage:
@@ -312,8 +319,9 @@ def inspect_cmd(
     run: Path = typer.Argument(..., help="run directory (or checkpoint directory with --text)", show_default=False),
     text: Optional[str] = typer.Option(None, "--text", help="text whose per-token recursion depth to show"),
     out: Path = typer.Option(..., "--out", help="--text: an .html or .png file; --training-curves: a directory"),
-    curves: bool = typer.Option(False, "--training-curves", help="plot loss, validation loss and depth from metrics.jsonl"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
+    curves: bool = typer.Option(False, "--training-curves",
+                                help="plot loss, validation loss and depth from metrics.jsonl"),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N"),
 ) -> None:
     """Routing analysis: per-token depth of a text (HTML or PNG), or the training curves of a run."""
     if curves == (text is not None):
@@ -327,9 +335,20 @@ def inspect_cmd(
         from adaptive.eval.depthmap import token_depths, write
         from adaptive.serving.loading import load_run
 
-        written = [write(token_depths(load_run(run, host().registry, device=device), text, run.name), out)]
+        loaded = load_run(run, host().registry, device=_device(device))
+        written = [write(token_depths(loaded, text, run.name), out)]
     for path in written:
-        console.print(f"[green]wrote[/green] {path}", highlight=False)
+        console.print(Text("wrote ", style="green") + Text(str(path)), highlight=False, soft_wrap=True)
+
+
+def _device(device: str) -> str:
+    """``--device`` checked and resolved (``auto``: CUDA when there is one), or a clean error."""
+    from adaptive.serving.generate import resolve_device
+
+    try:
+        return str(resolve_device(device))
+    except ValueError as exc:
+        raise AdaptiveError(str(exc)) from None
 
 
 def _vocab_size(loaded) -> int:

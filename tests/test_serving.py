@@ -77,3 +77,33 @@ def test_scoring_every_step_with_step_zeros_router_is_caught(monkeypatch):
     with pytest.raises(AssertionError, match="serving consistency"):
         check_serving_consistency(micro_config(MOR, num_recursions=3), max_tokens=8, schedule=BUSY, seed=3,
                                   capacities=[0.9, 0.6, 0.3])
+
+
+def test_steps_that_do_not_share_weights_fall_back_to_per_step_calls(monkeypatch):
+    from adaptive.serving import batching_mode
+    from adaptive.testing import as_model
+
+    shared = as_model(micro_config(MOR, num_recursions=3))
+    assert shared.engine.shared_step_groups() == ([(0, 1, 2)], None)
+    assert "depth-wise" in batching_mode(shared)
+    sequence = as_model(micro_config({**MOR, "sharing": "sequence"}, num_recursions=2, min_layers=4))
+    groups, why = sequence.engine.shared_step_groups()
+    assert groups == [(0,), (1,)] and "different physical layers" in why and "per-step" in batching_mode(sequence)
+    norms = as_model(micro_config(MOR, num_recursions=3, per_step_norms=True))
+    assert "per_step_norms" in norms.engine.shared_step_groups()[1]
+    calls = []
+    block_call = ModelRunner.block_call
+    monkeypatch.setattr(ModelRunner, "block_call", lambda self, groups: calls.append({g.step for g in groups})
+                        or block_call(self, groups))
+    check_serving_consistency(sequence, max_tokens=6, schedule=BUSY, seed=4)
+    assert calls and all(len(steps) == 1 for steps in calls)  # never two steps in one call
+
+
+def test_items_at_different_steps_share_one_call_of_the_block(monkeypatch):
+    calls = []
+    block_call = ModelRunner.block_call
+    monkeypatch.setattr(ModelRunner, "block_call", lambda self, groups: calls.append(sorted({g.step for g in groups}))
+                        or block_call(self, groups))
+    check_serving_consistency(micro_config(MOR, num_recursions=3), max_tokens=8, schedule=BUSY, seed=5,
+                              capacities=[1.0, 0.7, 0.4])
+    assert any(len(steps) >= 2 for steps in calls), calls

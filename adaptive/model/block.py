@@ -7,12 +7,24 @@ decided per logical layer by the engine, so the same weights serve every recursi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptive.interfaces import FFN
 from adaptive.model.layers import RMSNorm, Rotary
 
 Tensor = torch.Tensor
+
+
+def fused_weight(module: nn.Module, weights: tuple[Tensor, ...]) -> Tensor:
+    """``torch.cat(weights)``, kept on ``module`` until one of the weights changes (in place, or replaced
+    by a cast or a move) for inference-time fused projections. Not part of the state dict."""
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    cached = module.__dict__.get("_fused")
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([w.detach() for w in weights]))
+        module.__dict__["_fused"] = cached
+    return cached[1]
 
 
 class Attention(nn.Module):
@@ -36,6 +48,17 @@ class Attention(nn.Module):
         k_BGKE = self.k_proj(x_BKD).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(-3, -2)
         v_BGKE = self.v_proj(x_BKD).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(-3, -2)
         return Rotary.apply(k_BGKE, cos, sin), v_BGKE
+
+    def queries_keys_values(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``queries`` and ``keys_values`` of one input. Without autograd (inference) the three projections
+        run as one matmul over their weights concatenated once (``fused_weight``)."""
+        if torch.is_grad_enabled():
+            return (self.queries(x_BKD, cos, sin), *self.keys_values(x_BKD, cos, sin))
+        H, G, E = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x_BKD, fused_weight(self, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)))
+        qk = Rotary.apply(qkv[..., : (H + G) * E].unflatten(-1, (H + G, E)).transpose(-3, -2), cos, sin)
+        v_BGKE = qkv[..., (H + G) * E:].unflatten(-1, (G, E)).transpose(-3, -2)
+        return qk[..., :H, :, :], qk[..., H:, :, :], v_BGKE
 
     def output(self, attn_BHKE: Tensor) -> Tensor:
         return self.o_proj(attn_BHKE.transpose(-3, -2).flatten(-2))

@@ -277,23 +277,23 @@ class RecursionEngine(nn.Module):
         return x_BKD
 
     def run_layer(self, logical: int, x_BKD: Tensor, w: StepWiring, p: Pass, aux: dict) -> Tensor:
-        def attend(weights: Layer, norms: Norms, normed_BKD: Tensor, q_BHKE: Tensor) -> Tensor:
+        def attend(weights: Layer, norms: Norms, normed_BKD: Tensor) -> Tensor:
+            q_BHKE = weights.attn.queries(normed_BKD, w.cos, w.sin)
             if w.use_store:
                 return self.attend_store(logical, weights, norms, x_BKD, normed_BKD, q_BHKE, w, p)
             k_BGKE, v_BGKE = weights.attn.keys_values(normed_BKD, w.cos, w.sin)
             causal = w.compact_allowed is None
             return self.backend.attend(q_BHKE, k_BGKE, v_BGKE, allowed_BQS=w.compact_allowed, causal=causal)
 
-        return self.layer_forward(logical, x_BKD, w.cos, w.sin, attend, aux)
+        return self.layer_forward(logical, x_BKD, attend, aux)
 
-    def layer_forward(self, logical: int, x_BKD: Tensor, cos: Tensor, sin: Tensor, attend, aux: dict) -> Tensor:
-        """One decoder layer (pre-norm attention, then the FFN); ``attend(weights, norms, normed_BKD, q_BHKE)``
-        returns the attention output, so each caller decides which keys the queries see."""
+    def layer_forward(self, logical: int, x_BKD: Tensor, attend, aux: dict) -> Tensor:
+        """One decoder layer (pre-norm attention, then the FFN); ``attend(weights, norms, normed_BKD)`` returns
+        the attention output, so each caller decides which keys the queries see."""
         weights: Layer = self.layers[self.physical_of[logical]]
         norms: Norms = self.norms[self.norm_index[logical]]
         normed_BKD = norms.attn_norm(x_BKD)
-        q_BHKE = weights.attn.queries(normed_BKD, cos, sin)
-        x_BKD = x_BKD + weights.attn.output(attend(weights, norms, normed_BKD, q_BHKE))
+        x_BKD = x_BKD + weights.attn.output(attend(weights, norms, normed_BKD))
         B, K, D = x_BKD.shape
         ffn = weights.ffn(norms.ffn_norm(x_BKD).reshape(B * K, D))
         for name, value in ffn.aux_losses.items():
@@ -363,13 +363,16 @@ class RecursionEngine(nn.Module):
         unused: dict[str, Tensor] = defaultdict(lambda: x_ND.new_zeros(()))
         x_1ND = x_ND[None]
         for j, layer in enumerate(logical):
-            def attend(weights: Layer, norms: Norms, normed_1ND: Tensor, q_1HNE: Tensor, j: int = j) -> Tensor:
-                if frozen_ND is not None:
-                    normed_1ND = norms.attn_norm(torch.where(frozen_N[None, :, None], frozen_ND[None], x_1ND))
-                k_1GNE, v_1GNE = weights.attn.keys_values(normed_1ND, cos, sin)
+            def attend(weights: Layer, norms: Norms, normed_1ND: Tensor, j: int = j) -> Tensor:
+                if frozen_ND is None:
+                    q_1HNE, k_1GNE, v_1GNE = weights.attn.queries_keys_values(normed_1ND, cos, sin)
+                else:
+                    q_1HNE = weights.attn.queries(normed_1ND, cos, sin)
+                    frozen_1ND = norms.attn_norm(torch.where(frozen_N[None, :, None], frozen_ND[None], x_1ND))
+                    k_1GNE, v_1GNE = weights.attn.keys_values(frozen_1ND, cos, sin)
                 return kv.attend(j, q_1HNE[0], k_1GNE[0], v_1GNE[0])[None]
 
-            x_1ND = self.layer_forward(layer, x_1ND, cos, sin, attend, unused)
+            x_1ND = self.layer_forward(layer, x_1ND, attend, unused)
         return x_1ND[0]
 
     def keys_values_of(self, logical: int, h_ND: Tensor, cos_NE: Tensor, sin_NE: Tensor) -> tuple[Tensor, Tensor]:

@@ -175,8 +175,9 @@ class PagedCall(TokenKV):
 
     def write(self, j: int, k_GNE: Tensor, v_GNE: Tensor) -> None:
         flat_N = self.flat_NJ[:, j]
-        kv_N2GE = torch.stack([k_GNE, v_GNE], 0).permute(2, 0, 1, 3).to(self.pool.kv.dtype)
-        self.pool.kv.view(-1, *self.pool.kv.shape[2:]).index_copy_(0, flat_N, kv_N2GE)
+        entries = self.pool.kv.view(-1, *self.pool.kv.shape[2:])  # (entries, 2, G, E)
+        entries[:, 0].index_copy_(0, flat_N, k_GNE.transpose(0, 1).to(entries.dtype))
+        entries[:, 1].index_copy_(0, flat_N, v_GNE.transpose(0, 1).to(entries.dtype))
         self.pool.cols.view(-1).index_copy_(0, flat_N, self.col_N)
 
     def attend_rows(self, j: int, batch: AttentionBatch, q_HNE: Tensor) -> Tensor:
