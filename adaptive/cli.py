@@ -236,10 +236,14 @@ def _print_bench(report: dict) -> None:
         ratio = f"{a / b:.2f}x" if b else ""
         table.add_row(label, fmt.format(a), fmt.format(b), ratio)
     console.print(table)
+    if ours["block_kv_fraction"] is not None:
+        console.print(f"recursion-block KV in use: {ours['block_kv_fraction']:.3f} of full caching's "
+                      f"(routed fraction, mean depth / N_r: {ours['routed_fraction']:.3f})", highlight=False,
+                      soft_wrap=True)
     lo, hi = report["speedup_spread"]
     console.print(f"speedup over vanilla {report['speedup']:.2f}x (spread {lo:.2f}-{hi:.2f} over "
                   f"{report['workload']['repeats']} interleaved repeats); FLOP-bound speedup at the observed depths "
-                  f"{report['flop_bound_speedup']:.2f}x\n{report['batching']}", highlight=False)
+                  f"{report['flop_bound_speedup']:.2f}x\n{report['batching']}", highlight=False, soft_wrap=True)
 
 
 @app.command("flops")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from adaptive import recipe as recipes
-from adaptive.cli import main
 from adaptive.plugins import get_registry
 from adaptive.serving import LLM, EngineConfig, SamplingParams, ServingEngine, generate
 from adaptive.testing import as_model, micro_config
 from adaptive.testing.serving import decode_alone
 from adaptive.train.loop import train
+from test_cli import run_main
 
 MOR = {"sharing": "middle_cycle", "router": "expert_choice", "kv_policy": "recursion_wise"}
 RUN_RECIPE = """\
@@ -44,16 +44,6 @@ def trained_run(tmp_path_factory) -> Path:
         recipe = recipes.load(root / "recipe.yaml", [f"train.out_dir={root / 'run'}"], get_registry())
         train(recipe, get_registry())
     return root / "run"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -241,7 +231,7 @@ def test_one_host_sync_per_iteration(monkeypatch):
 
 
 def test_generate_cli_greedy_with_temperature_zero_and_aligned_depths(trained_run, capsys):
-    code, out, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "The", "--max-new-tokens", "6",
+    code, out, err = run_main(capsys, "generate", str(trained_run), "--prompt", "The", "--max-new-tokens", "6",
                              "--temperature", "0", "--show-depth", "--device", "cpu")
     assert code == 0, err
     lines = out.splitlines()
@@ -254,12 +244,12 @@ def test_generate_cli_greedy_with_temperature_zero_and_aligned_depths(trained_ru
 def test_generate_cli_refuses_a_missing_device(trained_run, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    code, _, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "x", "--device", "cuda")
+    code, _, err = run_main(capsys, "generate", str(trained_run), "--prompt", "x", "--device", "cuda")
     assert code == 2 and "--device" in err
 
 
 def test_bench_json_reports_both_sides(trained_run, capsys):
-    code, out, err = run_cli(capsys, "bench", str(trained_run), "--num-prompts", "3", "--prompt-len", "4:8",
+    code, out, err = run_main(capsys, "bench", str(trained_run), "--num-prompts", "3", "--prompt-len", "4:8",
                              "--max-new-tokens", "3:5", "--repeats", "2", "--batch", "2", "--json", "--device", "cpu")
     assert code == 0, err
     report = json.loads(out)

@@ -60,6 +60,8 @@ class RunResult:
     kv_bytes_reserved: int
     mean_depth: float
     step_fractions: list[float]
+    block_kv_fraction: float | None
+    routed_fraction: float
     preemptions: int
     iterations: int
 
@@ -126,7 +128,7 @@ def run_once(model: AdaptiveLM, work: Workload, opts: BenchOptions, eos_id: int 
     return RunResult(wall, sum(len(c.tokens) for c in done), len(done), [c.ttft_s for c in done if c.ttft_s is not None],
                      [x for c in done for x in c.inter_token_s], stats["peak_kv_bytes_in_use"],
                      stats["peak_kv_bytes_reserved"], stats["mean_depth"], stats["step_fractions"],
-                     stats["preemptions"], stats["iterations"])
+                     stats["block_kv_fraction"], stats["routed_fraction"], stats["preemptions"], stats["iterations"])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -144,6 +146,7 @@ def summarize(side: Side) -> dict:
             "itl_p99_s": statistics.median(percentile(r.itl_s, 99) for r in side.runs),
             "kv_bytes": max(r.kv_bytes for r in side.runs), "kv_bytes_reserved": max(r.kv_bytes_reserved for r in side.runs),
             "mean_depth": last.mean_depth, "step_fractions": last.step_fractions,
+            "block_kv_fraction": last.block_kv_fraction, "routed_fraction": last.routed_fraction,
             "preemptions": sum(r.preemptions for r in side.runs), "iterations": last.iterations,
             "generated_tokens": last.tokens}
 

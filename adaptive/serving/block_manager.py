@@ -55,8 +55,17 @@ class BlockManager:
         """Make room for ``extra[i]`` more entries in slot ``slots[i]`` (distinct) of ``row``: all, or nothing.
         Most calls need no new block (a decode token fills one block in ``block_size``), so they cost a
         few array operations."""
-        want = -(-(self.lengths[row, slots] + extra) // self.block_size)
-        held = self.held[row, slots]
+        rows = np.full(len(slots), row)
+        self._grow(rows, slots, -(-(self.lengths[row, slots] + extra) // self.block_size))
+
+    def reserve_all(self, extra_RS: np.ndarray) -> None:
+        """``reserve`` for every row at once: ``extra_RS[row, slot]`` more entries (all, or nothing)."""
+        rows, slots = np.nonzero(extra_RS)
+        self._grow(rows, slots, -(-(self.lengths[rows, slots] + extra_RS[rows, slots]) // self.block_size))
+
+    def _grow(self, rows: np.ndarray, slots: np.ndarray, want: np.ndarray) -> None:
+        """Give the (row, slot) pairs blocks until each holds ``want`` of them (all, or nothing)."""
+        held = self.held[rows, slots]
         grow = want > held
         if not grow.any():
             return
@@ -64,32 +73,12 @@ class BlockManager:
         if need > len(self.free):
             raise OutOfBlocks(f"{need} blocks needed, {len(self.free)} free")
         assert int(want.max()) <= self.max_blocks, "the scheduler keeps every sequence within the context"
-        for s, h, w in zip(slots[grow].tolist(), held[grow].tolist(), want[grow].tolist()):
+        for row, s, h, w in zip(rows[grow].tolist(), slots[grow].tolist(), held[grow].tolist(), want[grow].tolist()):
             taken = self.free[len(self.free) - (w - h):]
             del self.free[len(self.free) - (w - h):]
             self.tables[row, s, h:w] = taken
             self.held[row, s] = w
             self.reserved.append((row, s))
-
-    def reserve_all(self, extra_RS: np.ndarray) -> None:
-        """``reserve`` for every row at once: ``extra_RS[row, slot]`` more entries (all, or nothing)."""
-        rows = slice(0, extra_RS.shape[0])
-        want = -(-(self.lengths[rows, : self.num_slots] + extra_RS) // self.block_size)
-        held = self.held[rows, : self.num_slots]
-        grow = want > held
-        if not grow.any():
-            return
-        need = int((want - held)[grow].sum())
-        if need > len(self.free):
-            raise OutOfBlocks(f"{need} blocks needed, {len(self.free)} free")
-        assert int(want.max()) <= self.max_blocks, "the scheduler keeps every sequence within the context"
-        for row, s in zip(*np.nonzero(grow)):
-            h, w = int(held[row, s]), int(want[row, s])
-            taken = self.free[len(self.free) - (w - h):]
-            del self.free[len(self.free) - (w - h):]
-            self.tables[row, s, h:w] = taken
-            self.held[row, s] = w
-            self.reserved.append((int(row), int(s)))
 
     def commit(self, rows: np.ndarray, slots: np.ndarray, written: np.ndarray) -> None:
         """``written[i]`` entries were appended to slot ``slots[i]`` of row ``rows[i]``."""

@@ -1,0 +1,59 @@
+"""Where the serving engine's time goes as the batch grows: milliseconds per engine iteration, iterations per
+generated token, and tokens/s, for a model and its vanilla counterpart, interleaved at each batch size.
+
+A vanilla iteration runs every layer once for every running request; a depth-wise MoR iteration runs the
+prelude for the tokens entering, one call of the shared block (every item at its own step), and the coda
+for the tokens leaving, so each generated token takes about its depth in iterations. Per-call costs that
+do not shrink with the batch (op dispatch, the KV gather) therefore weigh on MoR at small batches.
+
+    python benchmarks/serving_batch.py RUN [--batches 1,8,32,128] [--new-tokens 64] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from adaptive.plugins import get_registry
+from adaptive.serving.bench import BenchOptions, load_target, make_workload, run_once, vanilla_counterpart
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run")
+    parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--prompt-len", default="64")
+    parser.add_argument("--new-tokens", default="64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registry = get_registry()
+    model, tokenizer, corpus = load_target(args.run, registry, torch.device("cpu"), torch.float32, "auto")
+    torch.manual_seed(0)
+    from adaptive.model import build_model
+
+    vanilla = build_model(vanilla_counterpart(model.config, model.plan.num_logical), registry, model.vocab_size).eval()
+    print(f"threads {torch.get_num_threads()}; prompts {args.prompt_len} tokens, {args.new_tokens} new tokens each")
+    print(f"{'batch':>5} {'side':8} {'ms/iter':>8} {'iter/token':>10} {'tokens/s':>9} {'vs vanilla':>10}")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        opts = BenchOptions(num_prompts=batch, prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, batch=batch)
+        work = make_workload(opts, model.vocab_size, corpus)
+        runs = {"model": [], "vanilla": []}
+        for name, m in (("model", model), ("vanilla", vanilla)):
+            run_once(m, make_workload(BenchOptions(num_prompts=2, max_new_tokens="4"), model.vocab_size, corpus), opts, None)
+        for _ in range(args.repeats):
+            for name, m in (("model", model), ("vanilla", vanilla)):
+                runs[name].append(run_once(m, work, opts, None))
+        medians = {name: statistics.median(r.tokens / r.wall_s for r in rs) for name, rs in runs.items()}
+        for name, rs in runs.items():
+            r = sorted(rs, key=lambda r: r.tokens / r.wall_s)[len(rs) // 2]
+            print(f"{batch:>5} {name:8} {r.wall_s / r.iterations * 1e3:8.2f} {r.iterations * batch / r.tokens:10.2f} "
+                  f"{medians[name]:9.1f} {medians[name] / medians['vanilla']:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
