@@ -64,6 +64,18 @@ def time_ours(model, prompts: torch.Tensor, new_tokens: int, block_size: int) ->
     return elapsed, [c.tokens for c in done]
 
 
+def profile_ops(run, top: int = 6) -> dict[str, float]:
+    """Self CPU milliseconds of the ``top`` operators of one run, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    ops = {e.key: e.self_cpu_time_total / 1e3 for e in events[:top]}
+    ops["total"] = sum(e.self_cpu_time_total for e in events) / 1e3
+    return ops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -77,6 +89,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="after the timed runs, profile one run of each side "
+                        "and print where its CPU time goes (torch.profiler, top operators)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,9 +121,15 @@ def main() -> None:
               "hf_spread": [min(runs["hf"]), max(runs["hf"])], "ours_spread": [min(runs["ours"]), max(runs["ours"])],
               "speedup": statistics.median(ratios), "speedup_spread": [min(ratios), max(ratios)],
               "greedy_agreement": agree}
+    if args.profile:
+        report["profile_ms"] = {name: profile_ops(fn) for name, fn in (
+            ("hf", lambda: time_hf(hf, prompts, args.new_tokens)),
+            ("ours", lambda: time_ours(ours, prompts, args.new_tokens, args.block_size)))}
     if args.json:
         print(json.dumps(report, indent=2))
         return
+    for name, ops in report.get("profile_ms", {}).items():
+        print(f"{name}: " + ", ".join(f"{op} {ms:.0f} ms" for op, ms in ops.items()))
     print(f"HF generate (static cache) {report['hf_tokens_per_s']:,.1f} tokens/s, ours {report['ours_tokens_per_s']:,.1f}"
           f" tokens/s: {report['speedup']:.2f}x (spread {min(ratios):.2f}-{max(ratios):.2f}); "
           f"greedy outputs agree for {agree:.0%} of requests")
