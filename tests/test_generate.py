@@ -258,3 +258,14 @@ def test_bench_json_reports_both_sides(trained_run, capsys):
         assert key in report and np.isfinite(report[key]), key
     assert report["baseline"]["mean_depth"] == 0 and 0 <= report["mean_depth"] <= 3
     assert report["flop_bound_speedup"] > 1  # expert-choice routing skips work vanilla does
+
+
+def test_fused_projections_are_made_for_serving_only():
+    """Serving fuses Q/K/V and gate/up over concatenated weights; other forwards hold no such copy."""
+    model = mor_model()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert not any("_fused" in m.__dict__ for m in model.modules())
+    generate(model, [[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))
+    fused = [m for m in model.modules() if "_fused" in m.__dict__]
+    assert len(fused) == 2 * len(model.engine.layers)  # every layer's attention and FFN

@@ -18,7 +18,9 @@ Tensor = torch.Tensor
 
 def fused_weight(module: nn.Module, weights: tuple[Tensor, ...]) -> Tensor:
     """``torch.cat(weights)``, kept on ``module`` until one of the weights changes (in place, or replaced
-    by a cast or a move) for inference-time fused projections. Not part of the state dict."""
+    by a cast or a move), for fused projections under ``torch.inference_mode`` (the serving engine; other
+    forwards keep the separate matmuls and hold no copy). Not part of the state dict."""
+    assert torch.is_inference_mode_enabled(), "fused weights are for inference mode only"
     key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
     cached = module.__dict__.get("_fused")
     if cached is None or cached[0] != key:
@@ -50,9 +52,9 @@ class Attention(nn.Module):
         return Rotary.apply(k_BGKE, cos, sin), v_BGKE
 
     def queries_keys_values(self, x_BKD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``queries`` and ``keys_values`` of one input. Without autograd (inference) the three projections
-        run as one matmul over their weights concatenated once (``fused_weight``)."""
-        if torch.is_grad_enabled():
+        """``queries`` and ``keys_values`` of one input. Under ``torch.inference_mode`` (the serving engine)
+        the three projections run as one matmul over their weights concatenated once (``fused_weight``)."""
+        if not torch.is_inference_mode_enabled():
             return (self.queries(x_BKD, cos, sin), *self.keys_values(x_BKD, cos, sin))
         H, G, E = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x_BKD, fused_weight(self, (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)))

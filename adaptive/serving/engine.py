@@ -121,7 +121,7 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ one iteration
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         plan = self.scheduler.plan(time.perf_counter())
         runner = self.runner

@@ -22,9 +22,9 @@ class SwiGLU(FFN):
         self.down = nn.Linear(d_ffn, d_model, bias=False)
 
     def forward(self, x_ND):
-        if torch.is_grad_enabled():
+        if not torch.is_inference_mode_enabled():
             return FFNOutput(self.down(F.silu(self.gate(x_ND)) * self.up(x_ND)))
-        # inference: gate and up as one matmul over their weights concatenated once
+        # serving (inference mode): gate and up as one matmul over their weights concatenated once
         gate_NF, up_NF = F.linear(x_ND, fused_weight(self, (self.gate.weight, self.up.weight))).chunk(2, dim=-1)
         return FFNOutput(self.down(F.silu(gate_NF) * up_NF))
 
