@@ -64,7 +64,9 @@ class ModelRunner:
 
     def take_arena(self, n: int) -> np.ndarray:
         assert n <= len(self.free_arena), "the scheduler admitted more tokens than the arena holds"
-        return np.array([self.free_arena.pop() for _ in range(n)], dtype=np.int64)
+        taken = self.free_arena[len(self.free_arena) - n:]
+        del self.free_arena[len(self.free_arena) - n:]
+        return np.array(taken, dtype=np.int64)
 
     def give_arena(self, rows: np.ndarray) -> None:
         self.free_arena.extend(int(r) for r in rows)

@@ -112,7 +112,8 @@ class Scheduler:
         finishing = {id(g.request) for g in plan.finishing}
         ready = [q for q in self.running if q.status is Status.RUNNING and q.next_group is None
                  and (q.group is None or id(q) in finishing)]
-        ready.sort(key=lambda q: (self._remaining(q)[1] - self._remaining(q)[0] > 1, q.arrival))  # decodes first
+        spans = {id(q): self._remaining(q) for q in ready}
+        ready.sort(key=lambda q: (spans[id(q)][1] - spans[id(q)][0] > 1, q.arrival))  # decodes first
         proposals: list[tuple[Request, int, int, int]] = []  # (request, batch row, first column, tokens)
         for q in ready:
             done, n = self._next_span(q, min(budget, arena))
@@ -197,9 +198,11 @@ class Scheduler:
     def _reserve_bulk(self, rows: list[int], needs: list[list[tuple[np.ndarray, int]]]) -> bool:
         """Reserve everything at once when the pool has room for all of it (the common case)."""
         extra = np.zeros((self.config.max_batch, self.blocks.num_slots), dtype=np.int64)
-        for row, need in zip(rows, needs):
-            for slots, n in need:
-                extra[row, slots] += n
+        pairs = [(np.full(len(slots), row), slots, np.full(len(slots), n))
+                 for row, need in zip(rows, needs) for slots, n in need if len(slots)]
+        if pairs:
+            r, sl, n = (np.concatenate(parts) for parts in zip(*pairs))
+            np.add.at(extra, (r, sl), n)
         try:
             self.blocks.reserve_all(extra)
             return True
