@@ -39,15 +39,8 @@ class BlockManager:
     # ------------------------------------------------------------------ accounting
 
     @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    @property
     def blocks_in_use(self) -> int:
         return self.num_blocks - len(self.free)
-
-    def entries_in_use(self) -> int:
-        return int(self.lengths.sum())
 
     # ------------------------------------------------------------------ reserve, commit, release
 

@@ -46,11 +46,6 @@ class KVPool:
     def bytes_per_entry(self) -> int:
         return self.kv[0, 0].numel() * self.kv.element_size()
 
-    @property
-    def bytes_reserved(self) -> int:
-        """Bytes of the whole pool (allocated once)."""
-        return (self.kv.shape[0] - 1) * self.block_size * self.bytes_per_entry
-
 
 @dataclass
 class CallRows:

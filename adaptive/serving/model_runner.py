@@ -44,7 +44,7 @@ class ModelRunner:
         self.read_slots = [[engine.read_slots(l, engine.kv_policy.reads(s)) for l in engine.step_layers[s]]
                            for s in range(plan.num_steps)]
         self.capacities = engine.inference_capacities()
-        self.step_groups, self.batching_note = engine.shared_step_groups()
+        self.step_groups, _ = engine.shared_step_groups()
         self.max_reads = max([len(engine.kv_policy.reads(s)) for s in range(plan.num_steps)] + [1])
         self._tables: dict[tuple, np.ndarray] = {}
         D = model.config.d_model

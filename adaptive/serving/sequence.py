@@ -84,8 +84,6 @@ class Request:
     next_group: "Group | None" = None  # admitted in this iteration while ``group`` finishes
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str = ""
-    emitted: int = 0  # characters of ``text`` already streamed
     preemptions: int = 0
 
     @property
@@ -119,10 +117,6 @@ class Group:
     def __post_init__(self) -> None:
         self.depth_T = np.zeros(self.length, dtype=np.int64)
         self.live_mask = np.ones(self.length, dtype=bool)  # still running (until a decision says otherwise)
-
-    @property
-    def cols(self) -> np.ndarray:
-        return np.arange(self.start, self.start + self.length)
 
     def running(self) -> np.ndarray:
         """Offsets of the tokens that run the group's next step (all, when the device decided)."""
