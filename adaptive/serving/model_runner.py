@@ -113,11 +113,16 @@ class ModelRunner:
         real = slot_RJ != self.empty_slot
         self.blocks.commit(seq_RJ[real], slot_RJ[real], count_RJ[real])
 
-    def run_segment(self, layers: tuple[int, ...], rows: list[tuple[Group, np.ndarray]], x_ND: Tensor) -> Tensor:
-        """Prelude or coda layers: every token writes and reads its own layer's slot."""
+    def _own_slot_call(self, layers: tuple[int, ...], rows: list[tuple[Group, np.ndarray]]):
+        """(call, cos, sin) where every token writes, and reads, its own layer's slot of ``layers``."""
         cols, col_N, cos, sin = self._positions(rows)
         call = self._call(rows, [layers] * len(rows), [[(l,) for l in layers]] * len(rows), np.ones(len(cols), bool),
                           None, col_N, int(cols.max()))
+        return call, cos, sin
+
+    def run_segment(self, layers: tuple[int, ...], rows: list[tuple[Group, np.ndarray]], x_ND: Tensor) -> Tensor:
+        """Prelude or coda layers: every token writes and reads its own layer's slot."""
+        call, cos, sin = self._own_slot_call(layers, rows)
         out_ND = self.engine.run_tokens(layers, x_ND, cos, sin, call)
         self._commit(rows, [layers] * len(rows))
         return out_ND
@@ -137,12 +142,9 @@ class ModelRunner:
             rows = [(g, np.sort(np.concatenate(parts))) for g, parts in owed.values()]
             if not rows:
                 continue
-            cols, col_N, cos, sin = self._positions(rows)
-            arena = self._t(np.concatenate([g.arena[t] for g, t in rows]))
-            h_ND = self.hidden_AD.index_select(0, arena)
             layers = tuple(self.engine.step_layers[step])
-            call = self._call(rows, [layers] * len(rows), [[(l,) for l in layers]] * len(rows),
-                              np.ones(len(cols), bool), None, col_N, int(cols.max()))
+            call, cos, sin = self._own_slot_call(layers, rows)
+            h_ND = self.hidden_AD.index_select(0, self._t(np.concatenate([g.arena[t] for g, t in rows])))
             for j, logical in enumerate(layers):
                 call.write(j, *self.engine.keys_values_of(logical, h_ND, cos, sin))
             self._commit(rows, [layers] * len(rows))
