@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -25,13 +26,67 @@ console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 
-RecipeArg = typer.Argument(..., help="recipe YAML file", show_default=False)
+RecipeArg = typer.Argument(..., help="recipe YAML file, or a shipped recipe's name (see `adaptive recipes`)",
+                           show_default=False)
 OverridesArg = typer.Argument(None, help="key=value overrides (~key deletes)", show_default=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from adaptive import __version__
+        from adaptive.plugins import BUILTIN_DISTRIBUTION
+
+        try:
+            print(f"adaptive {version(BUILTIN_DISTRIBUTION)}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print(f"adaptive {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for user errors")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks for user errors"),
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="print the package version and exit"),
+) -> None:
     STATE["debug"] = debug
+
+
+recipes_app = typer.Typer(help="List the recipes shipped with the package, one line each; `recipes cp NAME DEST` "
+                                "copies one out. `train`, `validate`, `flops` and `bench` take a shipped name.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """List the shipped recipes, one line each; `adaptive train NAME` trains one, `recipes cp` copies one out."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from adaptive.shipped import shipped_recipes
+
+    found = shipped_recipes()
+    if as_json:
+        print(json.dumps([{"name": r.name, "path": str(r.path), "description": r.description} for r in found],
+                         indent=2))
+        return
+    width = max((len(r.name) for r in found), default=0)
+    for r in found:  # one line per recipe (the terminal may fold a long one)
+        console.print(Text(r.name.ljust(width), style="bold") + Text(f"  {r.description}"), soft_wrap=True,
+                      highlight=False)
+
+
+@recipes_app.command("cp")
+def recipes_cp_cmd(
+    name: str = typer.Argument(..., help="a shipped recipe's name (see `adaptive recipes`)", show_default=False),
+    dest: Path = typer.Argument(..., help="file to write, or an existing directory to copy into", show_default=False),
+) -> None:
+    """Copy a shipped recipe out, to edit it (never overwrites a file)."""
+    from adaptive.shipped import copy
+
+    written = copy(name, dest)
+    console.print(Text("ok", style="green") + Text(f": wrote {written}"), soft_wrap=True, highlight=False)
 
 
 def host():
@@ -58,7 +113,7 @@ def components_cmd(
     kind: Optional[str] = typer.Argument(None, help="only this kind (router, kv_policy, ...)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """List registered components by kind, with the plugin that provides each."""
+    """List registered components by kind, with the plugin (and its version) that provides each."""
     from adaptive.interfaces import KINDS
 
     if kind is not None and kind not in KINDS:
@@ -66,24 +121,28 @@ def components_cmd(
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise AdaptiveError(f"unknown component kind {kind!r}{hint} (valid: {', '.join(KINDS)})")
     entries = host().registry.entries(kind)
+    plugins = host().plugins
+    version = lambda e: plugins[e.plugin].version if e.plugin in plugins else None  # noqa: E731
     if as_json:
-        rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "summary": e.summary,
+        rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "version": version(e), "summary": e.summary,
                  "config": e.cls.Config.model_json_schema().get("properties", {})} for e in entries]
         print(json.dumps(rows, indent=2))
         return
-    table = Table("kind", "name", "plugin", "summary")
+    table = Table("kind", "name", "plugin", "version", "summary")
     for e in entries:
-        table.add_row(e.kind, e.name, e.plugin, e.summary)
+        table.add_row(e.kind, e.name, e.plugin, version(e) or "", e.summary)
     console.print(table)
 
 
 @app.command("validate")
 def validate_cmd(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Validate a recipe (with overrides) and print a one-screen summary."""
+    """Validate a recipe (with overrides) and print a one-screen summary; refuses what `train` would."""
     from adaptive import recipe as recipes
     from adaptive.summary import recipe_summary
+    from adaptive.train.preflight import preflight
 
     loaded = recipes.load(recipe, overrides or [], host().registry)
+    preflight(loaded, host().registry, source=str(recipe))
     console.print(recipe_summary(loaded, host().registry))
     console.print(Text("ok", style="green") + Text(f": {recipe} is valid"), soft_wrap=True)
 
@@ -99,151 +158,12 @@ def train_cmd(
     from adaptive.train.loop import train
 
     loaded = recipes.load(recipe, overrides or [], host().registry)
-    train(loaded, host().registry, resume=resume, recipe_path=str(recipe))
+    result = train(loaded, host().registry, resume=resume, recipe_path=str(recipe))
+    if result.stopped_by is not None:  # saved, yet not finished: a scheduler must tell the two apart
+        raise SystemExit(128 + getattr(signal.Signals, result.stopped_by, signal.SIGINT).value)
 
 
-@app.command("generate")
-def generate_cmd(
-    run: Path = typer.Argument(..., help="run directory, checkpoint directory or converted model", show_default=False),
-    prompt: list[str] = typer.Option(..., "--prompt", help="prompt text (repeat for several requests)"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="most tokens to generate per prompt"),
-    greedy: bool = typer.Option(False, "--greedy", help="argmax decoding (the same as --temperature 0)"),
-    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="sampling temperature; 0 = greedy"),
-    top_k: int = typer.Option(50, "--top-k", min=0, help="sample among the k most likely tokens; 0 = all"),
-    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass in (0, 1]; 1 = all"),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="seed of the samples (each prompt gets seed + i)"),
-    stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable); the text ends before it"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16, float16"),
-    batch: int = typer.Option(32, "--batch", min=1, help="most requests decoded at once"),
-    stream: bool = typer.Option(False, "--stream", help="print tokens as they are generated"),
-    show_depth: bool = typer.Option(False, "--show-depth", help="print the recursion depth behind each generated token"),
-) -> None:
-    """Continue prompts with a trained model on the serving engine (paged KV, depth-wise batching)."""
-    import time
-
-    from pydantic import ValidationError
-
-    from adaptive.serving.generate import LLM
-    from adaptive.serving.sampling import SamplingParams
-    from adaptive.serving.scheduler import EngineConfig
-
-    try:
-        llm = LLM.from_run(run, device=device, dtype=dtype, config=EngineConfig(max_batch=batch))
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_k=top_k,
-                                 top_p=top_p, stop=tuple(stop or ()),
-                                 seed=None if seed is None else seed + i) for i in range(len(prompt))]
-    except ValidationError as exc:
-        raise AdaptiveError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                                      for e in exc.errors())) from None
-    except ValueError as exc:
-        raise AdaptiveError(str(exc)) from None
-    start = time.perf_counter()
-    if stream:
-        completions = _stream_completions(llm, prompt, params)
-    else:
-        completions = llm.generate(prompt, params)
-    elapsed = time.perf_counter() - start
-    for text, c in zip(prompt, completions):
-        if not stream:
-            console.print(Text(text, style="bold") + Text(c.text or ""), soft_wrap=True)
-        if show_depth:  # one entry per generated token, in order
-            pieces = [llm.tokenizer.decode([t]) for t in c.tokens]
-            console.print(f"tokens: {json.dumps(pieces)}\ndepths: {json.dumps(c.depths)}", highlight=False,
-                          soft_wrap=True, markup=False)
-    generated = sum(len(c.tokens) for c in completions)
-    err_console.print(f"{generated} tokens in {elapsed:.2f} s ({generated / max(elapsed, 1e-9):.1f} tokens/s; "
-                      f"{llm.engine.batching})", highlight=False, soft_wrap=True)
-
-
-def _stream_completions(llm, prompts: list[str], params) -> list:
-    """Print each request's text as its tokens arrive (one request after another when there are several)."""
-    ids = [llm.engine.add_request(llm.encode(p), s) for p, s in zip(prompts, params)]
-    shown = {i: False for i in ids}
-    for event in llm.engine.run():
-        if len(ids) == 1:
-            if not shown[event.request_id]:
-                console.print(Text(prompts[0], style="bold"), end="")
-                shown[event.request_id] = True
-            console.print(Text(event.text), end="")
-    if len(ids) == 1:
-        console.print()
-    completions = [llm.engine.completions.pop(i) for i in ids]
-    if len(ids) > 1:
-        for text, c in zip(prompts, completions):
-            console.print(Text(text, style="bold") + Text(c.text or ""), soft_wrap=True)
-    return completions
-
-
-@app.command("bench")
-def bench_cmd(
-    target: str = typer.Argument(..., help="run directory, checkpoint directory or recipe file", show_default=False),
-    num_prompts: int = typer.Option(64, "--num-prompts", min=1, help="requests in the workload"),
-    prompt_len: str = typer.Option("64", "--prompt-len", help="prompt tokens: N, or LO:HI drawn uniformly"),
-    max_new_tokens: str = typer.Option("192:256", "--max-new-tokens", help="tokens generated per request: N or LO:HI"),
-    rate: float = typer.Option(float("inf"), "--rate", help="requests per second (Poisson arrivals); inf = all at once"),
-    batch: int = typer.Option(32, "--batch", min=1, help="most requests decoded at once"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16"),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="interleaved repetitions of each side"),
-    seed: int = typer.Option(0, "--seed", help="seed of the workload and of the vanilla counterpart's weights"),
-    block_size: int = typer.Option(16, "--block-size", min=1, help="entries per KV block"),
-    stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="end a request at the end-of-text token (the two "
-                                     "sides then generate different lengths)"),
-    prompt_source: str = typer.Option("auto", "--prompt-source", help="auto (corpus for a trained run, else random), corpus, random"),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="a trained vanilla run to compare with (default: "
-                                            "the same-shape vanilla model, randomly initialised)"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
-) -> None:
-    """Benchmark generation: the model and its vanilla counterpart on one workload, side by side."""
-    from adaptive.serving.bench import BenchOptions, bench, load_target
-    from adaptive.serving.generate import resolve_device, resolve_dtype
-    from adaptive.serving.loading import load_run
-
-    if prompt_source not in ("auto", "corpus", "random"):
-        raise AdaptiveError(f"--prompt-source {prompt_source!r} is not one of auto, corpus, random")
-    opts = BenchOptions(num_prompts, prompt_len, max_new_tokens, rate, batch, block_size, repeats, seed, stop_at_eos,
-                        prompt_source)
-    try:
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        model, tokenizer, corpus = load_target(target, host().registry, dev, torch_dtype, prompt_source)
-        base = None
-        if baseline is not None:
-            base = load_run(baseline, host().registry, device=str(dev)).model.to(dtype=torch_dtype)
-        eos = tokenizer.separator_id if tokenizer is not None else None
-        log = (lambda line: err_console.print(line, highlight=False)) if as_json else (lambda line: console.print(line, highlight=False))
-        report = bench(model, opts, host().registry, corpus=corpus, eos_id=eos, baseline=base, log=log)
-    except ValueError as exc:
-        raise AdaptiveError(str(exc)) from None
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    _print_bench(report)
-
-
-def _print_bench(report: dict) -> None:
-    ours, theirs = report["model"], report["baseline"]
-    table = Table("", "model", "vanilla", "ratio")
-    rows = [("tokens/s (median)", "tokens_per_s", "{:,.1f}"), ("requests/s", "requests_per_s", "{:.2f}"),
-            ("TTFT p50 s", "ttft_p50_s", "{:.3f}"), ("TTFT p99 s", "ttft_p99_s", "{:.3f}"),
-            ("ITL p50 ms", "itl_p50_s", "{:.2f}"), ("ITL p99 ms", "itl_p99_s", "{:.2f}"),
-            ("peak KV bytes in use", "kv_bytes", "{:,}"), ("peak KV bytes reserved", "kv_bytes_reserved", "{:,}"),
-            ("mean recursion depth", "mean_depth", "{:.2f}")]
-    for label, key, fmt in rows:
-        scale = 1e3 if key.startswith("itl") else 1
-        a, b = ours[key] * scale, theirs[key] * scale
-        ratio = f"{a / b:.2f}x" if b else ""
-        table.add_row(label, fmt.format(a), fmt.format(b), ratio)
-    console.print(table)
-    if ours["block_kv_fraction"] is not None:
-        console.print(f"recursion-block KV in use: {ours['block_kv_fraction']:.3f} of full caching's "
-                      f"(routed fraction, mean depth / N_r: {ours['routed_fraction']:.3f})", highlight=False,
-                      soft_wrap=True)
-    lo, hi = report["speedup_spread"]
-    console.print(f"speedup over vanilla {report['speedup']:.2f}x (spread {lo:.2f}-{hi:.2f} over "
-                  f"{report['workload']['repeats']} interleaved repeats); FLOP-bound speedup at the observed depths "
-                  f"{report['flop_bound_speedup']:.2f}x\n{report['batching']}", highlight=False, soft_wrap=True)
+from adaptive import cli_serving  # noqa: E402,F401  (registers generate, bench and serve here, in this order)
 
 
 @app.command("flops")
@@ -272,7 +192,8 @@ def flops_cmd(
         table.add_row(part.name, str(part.layers), f"{part.active_fraction:.3f}", f"{part.write_fraction:.3f}",
                       f"{part.keys:.0f}", f"{part.flops_per_token:.4g}", f"{part.kv_bytes_per_token:.0f}")
     console.print(table)
-    console.print(f"unique parameters      {report.params_unique:,}\n"
+    console.print(f"unique parameters      {report.params_unique:,} (total)\n"
+                  f"active parameters      {report.params_active_per_token:,} per token\n"
                   f"forward FLOPs/token    {report.flops_per_token_forward:.4g}\n"
                   f"training FLOPs/token   {report.flops_per_token_train:.4g}\n"
                   f"KV-cache bytes/token   {report.kv_bytes_per_token:,.0f} ({kv_bytes} bytes per element)\n"
@@ -356,18 +277,13 @@ def _device(device: str) -> str:
 
 
 def _vocab_size(loaded) -> int:
-    """The model's vocabulary: ``model.vocab_size``, else the tokenizer file's, else the BPE size."""
-    if loaded.model.vocab_size is not None:
-        return loaded.model.vocab_size
-    tok = loaded.tokenizer
-    if tok.kind == "file" and tok.path:
-        from tokenizers import Tokenizer
+    """The vocabulary the trainer builds the model with (the rule is in ``adaptive.vocab``)."""
+    from adaptive.vocab import resolved_vocab_size
 
-        try:
-            return Tokenizer.from_file(tok.path).get_vocab_size()
-        except Exception as exc:  # tokenizers raises its own exception type
-            raise AdaptiveError(f"tokenizer.path: cannot read {tok.path} ({exc})") from None
-    return tok.vocab_size
+    try:
+        return resolved_vocab_size(loaded)
+    except ValueError as exc:
+        raise AdaptiveError(str(exc)) from None
 
 
 convert_app = typer.Typer(no_args_is_help=True, help="Import checkpoints from other formats.")
@@ -378,12 +294,37 @@ app.add_typer(convert_app, name="convert")
 def convert_hf_llama_cmd(
     src: Path = typer.Argument(..., help="Hugging Face Llama directory (config.json + safetensors)", show_default=False),
     out: Path = typer.Argument(..., help="output directory (model.safetensors + recipe.yaml)", show_default=False),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="uptrain: build this recipe's recursive or MoR model "
+                                         "(shape from the checkpoint) initialised from the vanilla weights"),
+    init: Optional[str] = typer.Option(None, "--init", help="with --recipe: select (stepwise, the default) or average"),
 ) -> None:
-    """Import a local Hugging Face Llama checkpoint as a vanilla model (sharing none)."""
+    """Import a local Hugging Face Llama checkpoint as a vanilla model (sharing none), or with --recipe as
+    a recursive model initialised from it."""
     from adaptive.convert import convert_hf_llama
 
-    path = convert_hf_llama(src, out)
+    if init is not None and init not in ("select", "average"):
+        raise AdaptiveError(f"--init {init!r} is not one of select, average")
+    if recipe is None and init is not None:
+        raise AdaptiveError("--init needs --recipe (the recursive model to initialise)")
+    path = convert_hf_llama(src, out, recipe=recipe, init=init or "select", registry=host().registry)
     console.print(f"[green]ok[/green]: wrote {path / 'model.safetensors'} and {path / 'recipe.yaml'}", highlight=False)
+
+
+export_app = typer.Typer(no_args_is_help=True, help="Export models to other formats.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("hf-llama")
+def export_hf_llama_cmd(
+    run: Path = typer.Argument(..., help="run directory, checkpoint directory or converted model", show_default=False),
+    out: Path = typer.Argument(..., help="output directory (config.json + model.safetensors + tokenizer.json)",
+                               show_default=False),
+) -> None:
+    """Write a vanilla model, or a recursive one with full depth (unrolled), as a Hugging Face Llama directory."""
+    from adaptive.export import export_hf_llama
+
+    path = export_hf_llama(run, out, host().registry)
+    console.print(f"[green]ok[/green]: wrote {path / 'config.json'} and {path / 'model.safetensors'}", highlight=False)
 
 
 def _register_plugin_commands() -> None:
@@ -424,7 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     builtin = list(app.registered_commands), list(app.registered_groups)
     try:
         _register_plugin_commands()
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer turns Ctrl-C into Exit(130) and returns its code
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            if code == 130:
+                err_console.print("interrupted")
+            sys.exit(code)
     except AdaptiveError as exc:
         if debug:
             raise

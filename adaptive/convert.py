@@ -5,12 +5,18 @@
 and writes our format: ``OUT/model.safetensors`` (our parameter names; tied weights stored once, with the
 alias recorded in the metadata as the trainer's checkpoints do) and ``OUT/recipe.yaml`` (a recipe whose
 ``model`` section is the resolved vanilla shape, ``sharing: none``). A ``tokenizer.json`` next to the
-weights is copied and named in the recipe (``tokenizer: {kind: file}``).
+weights is copied and named in the recipe (``tokenizer: {kind: file}``); without one, a warning. Every
+tensor's shape is checked against ``config.json`` (a CheckpointError names the tensor).
 
 The two models compute the same function: RMSNorm in float32 with the checkpoint's ``rms_norm_eps``,
-RoPE in the rotate-half layout HF stores q/k in, ``rope_theta`` from the config, attention scaled by
-``head_dim ** -0.5``, SwiGLU with SiLU. Configs we cannot reproduce exactly (biases, another activation,
-RoPE scaling, a head_dim that is not hidden_size / num_attention_heads) are refused with the key named.
+RoPE in the rotate-half layout HF stores q/k in, ``rope_theta`` and llama3 ``rope_scaling`` from the
+config, attention scaled by ``head_dim ** -0.5``, SwiGLU with SiLU. Configs we cannot reproduce exactly
+(biases, another activation, another RoPE scaling, a head_dim that is not hidden_size /
+num_attention_heads) are refused with the key named.
+
+With ``--recipe R --init select|average`` the output is R's recursive or MoR model, its shape taken from the
+checkpoint and its recursion and components from R, initialised from the vanilla weights
+(``init_recursive_from_vanilla``); the saved ``recipe.yaml`` is R with that model section.
 
 ``init_recursive_from_vanilla`` fills a recursive model of the same unrolled depth from a vanilla state:
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +45,7 @@ import torch
 
 from adaptive.errors import CheckpointError
 from adaptive.interfaces import DepthPlan
-from adaptive.model.config import ModelConfig
+from adaptive.model.config import ModelConfig, RopeScaling
 
 Tensor = torch.Tensor
 
@@ -72,10 +79,18 @@ def hf_config_to_model(hf: dict[str, Any], source: str = "config.json") -> Model
         if hf.get(key):
             problems.append(f"{key}: true (Llama layers here have no biases)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
-    if rope_type not in (None, "default"):
-        problems.append(f"rope_parameters.rope_type: {rope_type!r} (only unscaled 'default' RoPE is supported)")
+    if rope_type not in (None, "default", "llama3"):
+        problems.append(f"{rope_key}.rope_type: {rope_type!r} (supported: 'default', 'llama3')")
     theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or hf.get("rope_theta", 10000.0)
+    scaling = None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        try:
+            scaling = RopeScaling(rope_type="llama3", **{k: rope.get(k) for k in keys})
+        except ValueError as exc:
+            problems.append(f"{rope_key}: not a valid llama3 scaling ({' '.join(str(exc).split())})")
     hidden, heads = hf.get("hidden_size"), hf.get("num_attention_heads")
     required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
     missing = [k for k in required if k not in hf]
@@ -89,7 +104,7 @@ def hf_config_to_model(hf: dict[str, Any], source: str = "config.json") -> Model
             num_layers=hf["num_hidden_layers"], d_model=hidden, num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads, d_ffn=hf["intermediate_size"],
             vocab_size=hf["vocab_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta), rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             init_std=float(hf.get("initializer_range", 0.02)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
@@ -130,6 +145,7 @@ def load_hf_llama(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]
         raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
     cfg = hf_config_to_model(hf, str(config_file))
     state: dict[str, Tensor] = {}
+    sources: dict[str, str] = {}
     unknown = []
     for name, tensor in _read_safetensors(directory).items():
         if _IGNORED.search(name):
@@ -139,7 +155,7 @@ def load_hf_llama(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]
         if not target:
             unknown.append(name)
             continue
-        state[target] = tensor
+        state[target], sources[target] = tensor, name
     if unknown:
         raise CheckpointError(f"{directory}: unexpected tensors {', '.join(sorted(unknown)[:8])}"
                               + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
@@ -152,7 +168,23 @@ def load_hf_llama(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]
     if missing:
         raise CheckpointError(f"{directory}: missing tensors for {', '.join(missing[:8])}"
                               + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    _check_shapes(cfg, state, sources, config_file)
     return cfg, state
+
+
+def _check_shapes(cfg: ModelConfig, state: dict[str, Tensor], sources: dict[str, str], config_file: Path) -> None:
+    """A CheckpointError naming each tensor whose shape is not what ``config.json`` describes."""
+    from adaptive.model import build_model
+    from adaptive.plugins import get_registry
+
+    with torch.device("meta"):
+        expected = build_model(cfg, get_registry()).state_dict()
+    wrong = [f"{sources.get(k, k)} is {tuple(state[k].shape)}, config.json implies {tuple(like.shape)}"
+             for k, like in expected.items() if k in state and tuple(state[k].shape) != tuple(like.shape)]
+    if wrong:
+        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise CheckpointError(f"{config_file}: the tensors do not match its sizes (hidden_size, intermediate_size, "
+                              f"num_attention_heads, num_key_value_heads, vocab_size): {'; '.join(wrong[:5])}{more}")
 
 
 def _expected_names(cfg: ModelConfig) -> set[str]:
@@ -166,7 +198,7 @@ def _expected_names(cfg: ModelConfig) -> set[str]:
 
 
 def save_pretrained(out_dir: str | Path, model_cfg: ModelConfig, state: dict[str, Tensor], *,
-                    name: str = "converted", tokenizer_file: str | Path | None = None) -> Path:
+                    name: str = "converted", tokenizer_file: str | Path | None = None, recipe=None) -> Path:
     """Write ``model.safetensors`` and ``recipe.yaml`` (and a tokenizer, if given) into ``out_dir``."""
     from safetensors.torch import save_file
 
@@ -186,8 +218,11 @@ def save_pretrained(out_dir: str | Path, model_cfg: ModelConfig, state: dict[str
         else:
             kept[key] = tensor.detach().to("cpu").contiguous()
     save_file(kept, str(out / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
-    recipe = Recipe(name=name, model=model_cfg)
-    recipe.data.seq_len = min(recipe.data.seq_len, model_cfg.max_seq_len)  # a valid recipe for short contexts
+    if recipe is None:
+        recipe = Recipe(name=name, model=model_cfg)
+        recipe.data.seq_len = min(recipe.data.seq_len, model_cfg.max_seq_len)  # a valid recipe for short contexts
+    else:
+        recipe = recipe.model_copy(deep=True)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.json")
         recipe.tokenizer = TokenizerConfig(kind="file", path=str((out / "tokenizer.json").resolve()))
@@ -195,15 +230,77 @@ def save_pretrained(out_dir: str | Path, model_cfg: ModelConfig, state: dict[str
     return out
 
 
-def convert_hf_llama(src: str | Path, out: str | Path) -> Path:
-    """``adaptive convert hf-llama SRC OUT``: import an HF Llama directory into our format."""
+def convert_hf_llama(src: str | Path, out: str | Path, recipe: str | Path | None = None,
+                     init: Literal["average", "select"] = "select", registry=None) -> Path:
+    """``adaptive convert hf-llama SRC OUT [--recipe R --init select|average]``: import an HF Llama directory
+    into our format; with a recipe, as the recipe's recursive or MoR model initialised from it (uptraining)."""
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such directory")
     cfg, state = load_hf_llama(src)
-    tokenizer = src / "tokenizer.json"
-    return save_pretrained(out, cfg, state, name=src.resolve().name or "converted",
-                           tokenizer_file=tokenizer if tokenizer.is_file() else None)
+    tokenizer = _source_tokenizer(src, cfg.vocab_size)
+    name = src.resolve().name or "converted"
+    if recipe is None:
+        return save_pretrained(out, cfg, state, name=name, tokenizer_file=tokenizer)
+    from adaptive.model import build_model
+    from adaptive.plugins import get_registry
+
+    registry = registry or get_registry()
+    target = uptraining_recipe(recipe, cfg, registry)
+    vanilla_plan = registry.build("sharing_scheme", cfg.sharing).plan(cfg.num_layers, 1)
+    model = build_model(target.model, registry)
+    try:
+        init_recursive_from_vanilla(state, vanilla_plan, model, init)
+    except ValueError as exc:
+        raise CheckpointError(f"--init: {exc}") from None
+    target.train.init_from = str(Path(out).resolve())  # `adaptive train OUT/recipe.yaml` starts from these weights
+    return save_pretrained(out, target.model, model.state_dict(), name=target.name, tokenizer_file=tokenizer,
+                           recipe=target)
+
+
+def _source_tokenizer(src: Path, vocab_size: int) -> Path | None:
+    """The source's ``tokenizer.json`` (checked to fit the embedding), or None with a warning."""
+    path = src / "tokenizer.json"
+    if not path.is_file():
+        warnings.warn(f"{src}: no tokenizer.json; the converted model has none, so generate and eval cannot "
+                      "read text with it (copy the tokenizer.json of the model into the output directory)")
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size()
+    except Exception as exc:  # tokenizers raises plain Exceptions for a malformed file
+        raise CheckpointError(f"{path}: not a readable tokenizers JSON file ({' '.join(str(exc).split())[:200]})") from None
+    if size > vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {size} tokens but the model's embedding has "
+                              f"{vocab_size} rows (config.json vocab_size)")
+    return path
+
+
+UPTRAIN_KEEPS = ("num_recursions", "per_step_norms", "sharing", "router", "kv_policy", "depth_scheduler",
+                 "attention", "ffn")
+
+
+def uptraining_recipe(recipe: str | Path, vanilla: ModelConfig, registry):
+    """The recipe with its model's shape taken from the pretrained ``vanilla`` config: the recursion and
+    components (``UPTRAIN_KEEPS``) come from the recipe, every shape key from the checkpoint."""
+    from adaptive import recipe as recipes
+
+    loaded = recipes.load(recipe, registry=registry)
+    wanted = loaded.model.model_dump(include=set(UPTRAIN_KEEPS))
+    shape = vanilla.model_dump(exclude=set(UPTRAIN_KEEPS) | {"preset"})
+    try:
+        model = ModelConfig.model_validate({**shape, **wanted})
+    except ValueError as exc:
+        raise CheckpointError(f"{recipe}: its model section does not fit the checkpoint's shape: {exc}") from None
+    try:
+        registry.build("sharing_scheme", model.sharing).plan(model.num_layers, model.num_recursions)
+    except ValueError as exc:
+        raise CheckpointError(f"{recipe}: model.sharing {model.sharing.name!r} with num_recursions="
+                              f"{model.num_recursions} does not fit the checkpoint's {model.num_layers} layers: "
+                              f"{' '.join(str(exc).split())}") from None
+    data = loaded.data.model_copy(update={"seq_len": min(loaded.data.seq_len, model.max_seq_len)})
+    return loaded.model_copy(update={"model": model, "data": data})
 
 
 def load_pretrained(directory: str | Path, registry=None):
@@ -224,10 +321,10 @@ def load_pretrained(directory: str | Path, registry=None):
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    problems = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
-    if problems:
-        raise CheckpointError(f"{source}: weights do not fit the model: {', '.join(problems[:8])}")
+    from adaptive.train.checkpoint import check_fit
+
+    check_fit(model, state, source)  # names every missing, unexpected or differently-shaped tensor
+    model.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------- recursive init

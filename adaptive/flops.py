@@ -17,11 +17,15 @@ Counting rules (``adaptive flops RECIPE``; docs/model.md explains them with an e
   query attends on average ``(n+1)/2`` of the ``n`` keys its step can see. ``n`` is the number of
   distinct tokens stored in the slots the step reads (``reads(r)``): T for a slot written by all tokens,
   ``a_s·T`` for one written by the tokens selected at step s (selections are nested, so a union of slots
-  holds as many tokens as its largest slot). Hence: ``full`` T; recursion-wise ``a_r·T``; reads of step 0
-  (recursive sharing) T.
+  holds as many tokens as its largest slot; a router with ``hierarchical = False`` chooses independently
+  at each step, so the union is bounded by the sum of the slots, at most T). Hence: ``full`` T;
+  recursion-wise ``a_r·T``; reads of step 0 (recursive sharing) T.
 * Training = 3 × forward (backward ≈ 2 × forward).
 * KV bytes per token = Σ over logical layers of ``w · 2·G·E·bytes`` (keys and values; bf16 = 2 bytes).
-* Unique parameters count every tensor once (shared layers, tied embeddings), routers included.
+* Unique parameters count every tensor once (shared layers, tied embeddings), routers included: the
+  total. Active parameters per token count the same tensors, but each physical layer's FFN only with its
+  ``active_params_per_token()`` (an MoE: router, shared experts and the top-k routed experts a token
+  visits; a dense FFN: all of it). Depth routing does not reduce them (it shows in the FLOPs).
 
 Only the KVPolicy interface (``writes``/``reads``) and the Router/DepthScheduler/FFN interfaces are used,
 so every registered component is covered without special cases.
@@ -59,6 +63,7 @@ class FlopReport:
     seq_len: int
     vocab_size: int
     breakdown: list[SegmentFlops] = field(default_factory=list)
+    params_active_per_token: int = 0  # params_unique with each FFN counted by its active_params_per_token()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +105,8 @@ def count_flops(model_cfg: ModelConfig, registry: Registry, seq_len: int, vocab_
     if plan.prelude:
         parts.append(segment("prelude" if plan.steps else "layers", len(plan.prelude), 1.0, 1.0, T))
     for r, step in enumerate(plan.steps):
-        keys = max(written[s] for s in policy.reads(r)) * T
+        fractions = [written[s] for s in policy.reads(r)]
+        keys = (max(fractions) if engine.router.hierarchical else min(1.0, sum(fractions))) * T
         parts.append(segment(f"step {r}", len(step), float(caps[r]), written[r], keys))
     if plan.coda:
         parts.append(segment("coda", len(plan.coda), 1.0, 1.0, T))
@@ -117,6 +123,8 @@ def count_flops(model_cfg: ModelConfig, registry: Registry, seq_len: int, vocab_
         seq_len=T,
         vocab_size=vocab,
         breakdown=parts,
+        params_active_per_token=model.num_params(unique=True) - sum(
+            sum(p.numel() for p in layer.ffn.parameters()) - layer.ffn.active_params_per_token() for layer in engine.layers),
     )
 
 

@@ -106,7 +106,8 @@ class RouteDecision:
     """What a router decides for one recursion step.
 
     ``selected_BT``: tokens that run this step (the engine ANDs it with the tokens still active, so a
-    router cannot revive a token that stopped: hierarchical filtering lives in the engine).
+    router cannot revive a token that stopped: hierarchical filtering lives in the engine; a router that
+    declares ``hierarchical = False`` sees every token active at every step).
     ``gate_BT``: the gate applied by ``Router.combine`` (1.0 where the router does not gate). It may carry
     trailing channels (B, T, C) that only the router's own ``combine`` reads; the engine gathers them
     along with the tokens.
@@ -115,6 +116,9 @@ class RouteDecision:
     ``max_selected``: an upper bound on the per-row count (e.g. top-k within each packed document); the
     engine gathers that many slots per row, the surplus ones masked out, still without a host sync.
     With neither, the engine sizes the gather from the data (one host sync per step).
+    ``logits_BT``: optional (B, T) score of each token, higher meaning more inclined to run the step; the
+    engine does not route by it, it records it in ``RoutingStats.logits_per_step`` (for
+    ``after_optimizer_step``, e.g. balancing) and ``adaptive.testing`` builds adversarial inputs from it.
     ``metrics``: scalar tensors; the engine reports them in ``RoutingStats.metrics`` as
     ``"{name}/step{r}"`` (a stable format: ``after_optimizer_step`` may read it back).
     ``carry``: anything the router needs again at the next step of the same forward (e.g. the depth that
@@ -133,13 +137,23 @@ class RouteDecision:
 
 @dataclass
 class RouteContext:
-    """Everything a router may look at besides the hidden states of the current step."""
+    """Everything a router may look at besides the hidden states of the current step.
+
+    ``route(hidden_BTD, ctx)`` gets every token of the batch, (B, T, D), never a gathered subset; tokens
+    that stopped earlier keep their frozen state and are False in ``active_BT``. ``step`` (0-based) of
+    ``num_steps``; ``capacity``: the fraction of the sequence this step may keep (``base_capacities()``
+    through the depth scheduler); ``training_rule``: True for the training-time rule, False for the causal
+    inference rule; ``active_BT``: tokens that ran the previous step (all True at step 0, and always for a
+    router with ``hierarchical = False``); ``valid_BT``: False at padding; ``first_hidden_BTD``: the hidden
+    state entering the recursion block; ``carry``: the previous step's ``RouteDecision.carry``;
+    ``doc_ids_BT``: the document of each token in a packed row (None: one per row).
+    """
 
     step: int  # 0-based recursion step
     num_steps: int
     capacity: float  # fraction of the sequence this step may keep (from the depth scheduler)
     training_rule: bool  # True: the training-time rule (e.g. top-k); False: the causal inference rule
-    active_BT: Tensor  # tokens that reached this step
+    active_BT: Tensor  # tokens that reached this step (every token, for a router with hierarchical=False)
     valid_BT: Tensor  # False at padding positions
     first_hidden_BTD: Tensor  # hidden state entering the recursion block (H^1)
     carry: Any = None  # the previous step's RouteDecision.carry
@@ -151,10 +165,15 @@ class Router(Component, nn.Module):
 
     ``causal_in_training`` declares whether the training-time rule is causal (expert-choice top-k over the
     sequence is not); the property tests check the inference rule of every router is causal.
+    ``hierarchical`` declares how steps relate: True (MoR's hierarchical filtering), a token runs step r
+    only if it ran step r-1, so the tokens still active narrow after each step; False (Mixture-of-Depths'
+    independent choice), every step chooses among all tokens, and a token skipped at one step may run
+    the next.
     """
 
     kind: ClassVar[str] = "router"
     causal_in_training: ClassVar[bool] = True
+    hierarchical: ClassVar[bool] = True
     uses_capacity: ClassVar[bool] = True  # False: RouteContext.capacity is ignored (a schedule has no effect)
 
     def __init__(self, config: ComponentConfig, *, d_model: int, num_steps: int):
@@ -164,7 +183,9 @@ class Router(Component, nn.Module):
         self.num_steps = num_steps
 
     def base_capacities(self) -> list[float]:
-        """The fraction of tokens each step keeps before any schedule is applied."""
+        """The fraction of tokens each step keeps before any schedule is applied. The accountant
+        (``adaptive flops``) counts step r as run by this fraction of the sequence, so a router with a
+        data-dependent count returns its expected fractions here (default 1.0: every token, every step)."""
         return [1.0] * self.num_steps
 
     def route(self, hidden_BTD: Tensor, ctx: RouteContext) -> RouteDecision:
@@ -269,15 +290,26 @@ class AttentionBackend(Component):
 
 @dataclass
 class FFNOutput:
+    """``counts``: tensors the FFN wants back after the optimizer step (e.g. tokens per expert); the engine
+    sums them over every call of the same module in a forward, the trainer over micro-batches, and
+    ``FFN.after_optimizer_step`` receives the totals. They are not logged."""
+
     out_BTD: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, Tensor] = field(default_factory=dict)
 
 
 class FFN(Component, nn.Module):
-    """The position-wise feed-forward part of a block (SwiGLU, or a mixture of experts)."""
+    """The position-wise feed-forward part of a block (SwiGLU, or a mixture of experts).
+
+    ``takes_valid_mask`` declares that ``forward`` also takes ``valid_N`` (keyword): False at padding and at
+    gathered slots of tokens that did not run, None when every token is real, so statistics such as a
+    balance loss can leave them out. Other FFNs are called ``forward(x_ND)``.
+    """
 
     kind: ClassVar[str] = "ffn"
+    takes_valid_mask: ClassVar[bool] = False
 
     def __init__(self, config: ComponentConfig, *, d_model: int, d_ffn: int):
         nn.Module.__init__(self)
@@ -291,6 +323,15 @@ class FFN(Component, nn.Module):
     def flops_per_token(self) -> int:
         """Forward matmul FLOPs per token (2 per multiply-add) actually spent, for the accountant."""
         raise NotImplementedError  # interface: implemented by every registered FFN
+
+    def active_params_per_token(self) -> int:
+        """Parameters one token's forward uses (default: all of them; an MoE: router, shared and top-k experts)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def after_optimizer_step(self, counts: dict[str, Tensor]) -> None:
+        """Hook for state updated outside autograd after each optimizer step (e.g. an MoE's loss-free bias).
+        ``counts``: this module's ``FFNOutput.counts`` summed over its calls in the step's forwards (every
+        logical layer it serves, every micro-batch of this process)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,6 +347,7 @@ class RoutingStats:
     selected_per_step: list[Tensor] = field(default_factory=list)  # R tensors of shape (B, T), bool
     logits_per_step: list[Tensor | None] = field(default_factory=list)
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    ffn_counts: dict[str, Tensor] = field(default_factory=dict)  # "layer{physical}/{name}": FFNOutput.counts summed
 
 
 @dataclass

@@ -58,11 +58,23 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.registry = Registry()
         self.plugins: dict[str, PluginInfo] = {}
+        self._strict_failures: list[str] | None = None  # collected while loading entry points in strict mode
 
     def load_entry_points(self, allow: set[str] | None = None) -> None:
         """Load every entry point of the group (third-party ones narrowed by ``allow``), one at a time."""
         loaded: dict[str, str | None] = {}
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
+        self._strict_failures = [] if self.strict else None
+        try:
+            self._load_each(allow, loaded)
+        finally:
+            failures, self._strict_failures = self._strict_failures, None
+        if failures:  # strict: every broken plugin at once (one line each), not only the first
+            raise PluginError("\n".join(f"{line} (ADAPTIVE_STRICT_PLUGINS is set)" for line in failures))
+
+    def _load_each(self, allow: set[str] | None, loaded: dict[str, str | None]) -> None:
+        entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order)
+        _warn_unknown_allowed(allow, entry_points)
+        for ep in entry_points:
             dist = _distribution_name(ep)
             if allow is not None and dist != BUILTIN_DISTRIBUTION and ep.name not in allow:
                 continue
@@ -131,9 +143,25 @@ class PluginHost:
         if record:
             info.error = message
             self.plugins[info.name] = info
+            self.registry.failed_plugins[info.name] = message
+        if self._strict_failures is not None:
+            self._strict_failures.append(f"plugin {info.name!r}: {message}")
+            return
         if self.strict:
             raise PluginError(f"plugin {info.name!r}: {message} (ADAPTIVE_STRICT_PLUGINS is set)") from exc
         warnings.warn(f"plugin {info.name!r} {outcome}: {message}", PluginWarning, stacklevel=3)
+
+
+def _warn_unknown_allowed(allow: set[str] | None, entry_points: list[metadata.EntryPoint]) -> None:
+    """``ADAPTIVE_LOAD_PLUGINS`` naming a plugin that no installed distribution provides is a typo or a missing
+    install: say so, with the names that exist."""
+    known = {ep.name for ep in entry_points}
+    unknown = sorted((allow or set()) - known)
+    if unknown:
+        third_party = sorted({ep.name for ep in entry_points if _distribution_name(ep) != BUILTIN_DISTRIBUTION})
+        warnings.warn(f"ADAPTIVE_LOAD_PLUGINS names {', '.join(map(repr, unknown))}, which no installed plugin "
+                      f"provides (installed third-party plugins: {', '.join(third_party) or 'none'})",
+                      PluginWarning, stacklevel=3)
 
 
 def _distribution_name(ep: metadata.EntryPoint) -> str | None:
@@ -211,4 +239,5 @@ def unregister_plugin(name: str) -> None:
     if plugin is not None:
         host.pm.unregister(plugin)
     host.registry.drop_plugin(name)
+    host.registry.failed_plugins.pop(name, None)
     host.plugins.pop(name, None)

@@ -7,19 +7,26 @@ collected and raised together as one RecipeError, one ``dotted.path: what is wro
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from adaptive import shipped
 from adaptive.errors import RecipeError, UnknownComponentError
-from adaptive.model.config import MODEL_COMPONENTS, ModelConfig
+from adaptive.model.config import MODEL_COMPONENTS, PRESETS, ModelConfig
 from adaptive.registry import ComponentSpec, Registry, format_validation_error
+from adaptive.train import sizing
 from adaptive.train.config import DataConfig, TokenizerConfig, TrainConfig
 
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 # recipe path of every named component -> registry kind
 COMPONENT_PATHS = {**{f"model.{key}": kind for key, kind in MODEL_COMPONENTS.items()}, "data.source": "dataset"}
@@ -30,12 +37,20 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="run", description="names the run directory and the summary")
-    seed: int = Field(default=0, description="seeds parameter init, data order and sampling")
+    name: str = Field(default="run", description="names the run directory and the summary (letters, digits, _ . -)")
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seeds parameter init, data order and sampling")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="tiny"), description="see the model section")
     data: DataConfig = Field(default_factory=DataConfig, description="see the data section")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="see the tokenizer section")
     train: TrainConfig = Field(default_factory=TrainConfig, description="see the train section")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a plain name: a run name is letters, digits, '_', '.' and '-' "
+                             "(it names a directory under runs/; set train.out_dir to choose another place)")
+        return name
 
     def component_specs(self) -> dict[str, tuple[str, ComponentSpec]]:
         """Every component the recipe names: dotted path -> (registry kind, spec)."""
@@ -47,9 +62,8 @@ class Recipe(BaseModel):
 
 def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a YAML recipe, apply overrides and resolve interpolations; no validation yet."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError([f"{path}: no such recipe file"], source=str(path))
+    path = shipped.resolve(path)  # an existing file, else a shipped recipe's name, else a RecipeError
+    _check_text(path)
     try:
         cfg = OmegaConf.load(path)
     except yaml.YAMLError as exc:
@@ -69,6 +83,7 @@ def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...], source: st
         problem = _delete_key(cfg, item[1:]) if item.startswith("~") else _set_key(cfg, item)
         if problem:
             problems.append(problem)
+    problems += _resolver_problems(OmegaConf.to_container(cfg, resolve=False))
     if problems:
         raise RecipeError(problems, source=source)
     try:
@@ -76,6 +91,41 @@ def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...], source: st
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "recipe"
         raise RecipeError([f"{key}: cannot resolve interpolation: {_first_line(exc)}"], source=source) from None
+
+
+def _check_text(path: Path) -> None:
+    """A recipe file is UTF-8 text that holds at least one key (not empty, not only comments)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                           "a recipe is a YAML file"], source=str(path)) from None
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot read the recipe ({exc.strerror or exc})"], source=str(path)) from None
+    try:
+        empty = yaml.safe_load(text) is None
+    except yaml.YAMLError:
+        return  # reported with its location by the OmegaConf load
+    if empty:
+        raise RecipeError([f"{path}: the recipe is empty (no keys, only comments or blank lines); a recipe is a "
+                           "mapping of sections (name, seed, model, data, tokenizer, train)"], source=str(path))
+
+
+_RESOLVER = re.compile(r"\$\{\s*([\w.\-]+)\s*:")
+
+
+def _resolver_problems(tree: Any, prefix: str = "") -> list[str]:
+    """``${oc.env:HOME}`` and every other resolver would read outside the recipe: only ``${key}`` references
+    to other keys of the recipe are allowed."""
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _resolver_problems(v, f"{prefix}{k}.")]
+    if isinstance(tree, list):
+        return [p for i, v in enumerate(tree) for p in _resolver_problems(v, f"{prefix}{i}.")]
+    found = _RESOLVER.search(tree) if isinstance(tree, str) else None
+    if found:
+        return [f"{prefix.rstrip('.')}: the resolver ${{{found.group(1)}:...}} is not allowed; a recipe may only "
+                "interpolate its own keys (${model.d_model}, ${..seq_len})"]
+    return []
 
 
 def _delete_key(cfg: Any, key: str) -> str | None:
@@ -99,14 +149,18 @@ def _set_key(cfg: Any, item: str) -> str | None:
 
 
 def validate(raw: dict[str, Any], registry: Registry, source: str | None = None) -> Recipe:
-    """Validate a raw recipe tree, reporting every problem at once."""
+    """Validate a raw recipe tree, reporting every problem at once. Types are strict (``true`` is not a
+    number, ``"3"`` is not an integer) and every number is finite."""
+    problems = _nonfinite_problems(raw)
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = _strict(Recipe, raw)
     except ValidationError as exc:
-        problems = [_with_registered_names(line, registry) for line in format_validation_error("", exc, Recipe)]
+        reported = {p.partition(":")[0] for p in problems}  # a non-finite value is reported once
+        problems += [_with_registered_names(line, registry) for line in format_validation_error("", exc, Recipe)
+                     if line.partition(":")[0] not in reported]
         problems += _raw_component_problems(raw, registry, skip=problems)
+        problems += _raw_section_problems(raw, skip=problems)
         raise RecipeError(problems, source=source) from None
-    problems = []
     for path, (kind, spec) in recipe.component_specs().items():
         problems += _check_component(path, kind, spec, registry)
     if not problems:
@@ -122,9 +176,37 @@ def _check_component(path: str, kind: str, spec: ComponentSpec, registry: Regist
     except UnknownComponentError as exc:
         return [f"{path}.name: {exc}"]
     try:
-        registered.cls.Config.model_validate(spec.options())
+        _strict(registered.cls.Config, spec.options())
     except ValidationError as exc:
         return format_validation_error(path, exc, registered.cls.Config)
+    return []
+
+
+def _strict(model: type[BaseModel], raw: Any) -> Any:
+    """``model`` validated in strict mode from the tree's JSON form (so YAML lists may fill tuples)."""
+    return model.model_validate_json(json.dumps(raw, default=str), strict=True)
+
+
+def _nonfinite_problems(tree: Any, prefix: str = "") -> list[str]:
+    """``inf``, ``-inf`` and ``nan`` anywhere in the tree (no recipe value may be one)."""
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _nonfinite_problems(v, f"{prefix}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [p for i, v in enumerate(tree) for p in _nonfinite_problems(v, f"{prefix}{i}.")]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [f"{prefix.rstrip('.')}: must be a finite number (got {tree})"]
+    return []
+
+
+def _raw_section_problems(raw: Any, skip: list[str]) -> list[str]:
+    """The cross-section checks on a tree that failed validation elsewhere, where their keys are readable."""
+    seq_len, model = _lookup(raw, "data.seq_len"), _lookup(raw, "model")
+    if not isinstance(model, dict) or any(p.startswith(("data.seq_len", "model.max_seq_len")) for p in skip):
+        return []
+    preset = model.get("preset")
+    context = model.get("max_seq_len", PRESETS.get(preset, {}).get("max_seq_len") if isinstance(preset, str) else None)
+    if type(seq_len) is int and type(context) is int:
+        return _context_problems(seq_len, context)
     return []
 
 
@@ -156,6 +238,10 @@ def _check_model_structure(recipe: Recipe, registry: Registry) -> list[str]:
         plan = registry.build("sharing_scheme", model.sharing).plan(model.num_layers, model.num_recursions)
     except ValueError as exc:
         return [f"model.sharing: {exc}"]
+    vocab = model.vocab_size or recipe.tokenizer.vocab_size
+    too_big = sizing.parameter_problem(model, plan.num_physical, vocab)  # before any component allocates
+    if too_big:
+        return [too_big]
     problems = []
     try:
         registry.build("kv_policy", model.kv_policy).validate(plan.num_steps)
@@ -186,7 +272,10 @@ def _incompatibilities(recipe: Recipe, registry: Registry) -> list[str]:
 
 def _check_sections(recipe: Recipe) -> list[str]:
     """Checks that span sections of the recipe."""
-    seq_len, context = recipe.data.seq_len, recipe.model.max_seq_len
+    return _context_problems(recipe.data.seq_len, recipe.model.max_seq_len)
+
+
+def _context_problems(seq_len: int, context: int) -> list[str]:
     if seq_len > context:
         return [f"data.seq_len: {seq_len} is longer than the model's context "
                 f"(valid: at most model.max_seq_len={context}, or raise model.max_seq_len)"]

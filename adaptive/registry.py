@@ -32,6 +32,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_kind: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
+        self.failed_plugins: dict[str, str] = {}  # plugin -> why it did not load (named by unknown-name errors)
 
     def add(self, kind: str, cls: type, plugin: str) -> None:
         base = KINDS[kind]
@@ -68,7 +69,7 @@ class Registry:
             raise UnknownComponentError(f"unknown component kind {kind!r} (valid: {', '.join(self._by_kind)})")
         found = self._by_kind[kind].get(name)
         if found is None:
-            raise UnknownComponentError(unknown_name_message(kind, name, self.names(kind)))
+            raise UnknownComponentError(unknown_name_message(kind, name, self.names(kind), self.failed_plugins))
         return found
 
     def config(self, kind: str, name: str, values: dict) -> ComponentConfig:
@@ -91,10 +92,16 @@ class ComponentSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
+def unknown_name_message(kind: str, name: str, valid: list[str], failed: dict[str, str] | None = None) -> str:
+    """``unknown router 'x'`` with the closest registered name, and the plugins that failed to load (one of
+    them may be what provides it)."""
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} (registered: {', '.join(valid) or 'none'})"
+    message = f"unknown {kind} {name!r}{hint} (registered: {', '.join(valid) or 'none'})"
+    if failed:
+        broken = "; ".join(f"{plugin!r}: {why}" for plugin, why in sorted(failed.items()))
+        message += f"; plugins that failed to load, which may be why: {broken}"
+    return message
 
 
 def format_validation_error(prefix: str, err: ValidationError, model: type[BaseModel] | None = None) -> list[str]:

@@ -28,19 +28,26 @@ def main() -> None:
     parser.add_argument("--new-tokens", default="64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--paged-attention", default="auto", choices=["auto", "gather", "flex"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     registry = get_registry()
-    model, tokenizer, corpus = load_target(args.run, registry, torch.device("cpu"), torch.float32, "auto")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model, tokenizer, corpus = load_target(args.run, registry, device, dtype, "auto")
     torch.manual_seed(0)
     from adaptive.model import build_model
 
-    vanilla = build_model(vanilla_counterpart(model.config, model.plan.num_logical), registry, model.vocab_size).eval()
-    print(f"threads {torch.get_num_threads()}; prompts {args.prompt_len} tokens, {args.new_tokens} new tokens each")
+    vanilla = build_model(vanilla_counterpart(model.config, model.plan.num_logical), registry, model.vocab_size)
+    vanilla = vanilla.to(device=device, dtype=dtype).eval()
+    print(f"{device} {args.dtype}, threads {torch.get_num_threads()}, paged attention {args.paged_attention}; "
+          f"prompts {args.prompt_len} tokens, {args.new_tokens} new tokens each")
     print(f"{'batch':>5} {'side':8} {'ms/iter':>8} {'iter/token':>10} {'tokens/s':>9} {'vs vanilla':>10}")
     for batch in [int(b) for b in args.batches.split(",")]:
-        opts = BenchOptions(num_prompts=batch, prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, batch=batch)
+        opts = BenchOptions(num_prompts=batch, prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, batch=batch,
+                            paged_attention=args.paged_attention)
         work = make_workload(opts, model.vocab_size, corpus)
         runs = {"model": [], "vanilla": []}
         for name, m in (("model", model), ("vanilla", vanilla)):

@@ -188,7 +188,8 @@ def test_every_registered_router_and_policy_is_counted(router, kv):
 
 def test_cli_json(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: t\nmodel: {preset: micro}\ndata: {seq_len: 64}\n")
+    # the model has the tokenizer's vocabulary (adaptive.vocab): 512, the micro preset's, only when the tokenizer has 512
+    recipe.write_text("name: t\nmodel: {preset: micro}\ndata: {seq_len: 64}\ntokenizer: {vocab_size: 512}\n")
     main(["flops", str(recipe), "--json", "--seq-len", str(T)])
     report = json.loads(capsys.readouterr().out)
     assert report["params_unique"] == 260032

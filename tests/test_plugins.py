@@ -3,6 +3,8 @@ per hook (test_meta checks that every hook has one)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 import torch
 
@@ -150,7 +152,9 @@ def test_allow_list_narrows_third_party_plugins_only(fake_dist, monkeypatch, rec
     monkeypatch.syspath_prepend(str(fake_dist("broken_plugin", BROKEN_IMPORT)))
     fake_dist("good_plugin", GOOD_ROUTER)
     monkeypatch.setenv("ADAPTIVE_LOAD_PLUGINS", allow)
-    third_party = set(get_host().plugins) - {"adaptive_base", "adaptive_mor"}
+    builtin = {ep.name for ep in importlib.metadata.distribution("adaptive-lm").entry_points if ep.group == "adaptive"}
+    assert {"adaptive_base", "adaptive_mor", "adaptive_mod", "adaptive_moe"} <= builtin
+    third_party = set(get_host().plugins) - builtin
     assert third_party == loaded
     assert "adaptive_base" in get_host().plugins
     assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]

@@ -106,11 +106,12 @@ def test_missing_recipe_file_is_a_recipe_error(tmp_path):
     assert problems(tmp_path / "nope.yaml") == [f"{tmp_path / 'nope.yaml'}: no such recipe file"]
 
 
-def test_empty_recipe_is_all_defaults(tmp_path):
+def test_empty_recipe_is_refused(tmp_path):
+    """An empty file is a mistake (a wrong path, a failed copy), not a request for the all-default run."""
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    recipe = load(path)
-    assert recipe.model.num_layers == 8 and recipe.model.router.name == "all"
+    assert problems(path) == [f"{path}: the recipe is empty (no keys, only comments or blank lines); a recipe is a "
+                              "mapping of sections (name, seed, model, data, tokenizer, train)"]
 
 
 def test_a_component_that_declares_itself_incompatible_is_a_recipe_error(tmp_path):

@@ -9,13 +9,16 @@ routes every item with step 0's router, is caught.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive.model.engine import RecursionEngine
 from adaptive.serving.kv_pool import PagedCall
 from adaptive.serving.model_runner import ModelRunner
+from adaptive.serving import paged_flex
 from adaptive.testing import combinations, micro_config
 from adaptive.testing.serving import Schedule, check_serving_consistency
 from adaptive.testing.strategies import serving_inputs
@@ -50,7 +53,28 @@ def test_depthwise_batching_with_preemption_equals_decoding_alone(router, kv_pol
                                   capacities=[0.9, 0.6, 0.3])
 
 
+@pytest.mark.parametrize("router, kv_policy", [("expert_choice", p) for p in ("full", "recursion_wise",
+                                                 "recursive_sharing", "hybrid")] + [("token_choice", "recursion_wise")])
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_flex_attention_in_place_over_the_pool_equals_decoding_alone(router, kv_policy, data):
+    """The CUDA default path (FlexAttention over the pool, block mask of each row's pages), run eagerly."""
+    inputs = data.draw(serving_inputs({"sharing": "middle_cycle", "router": router, "kv_policy": kv_policy}))
+    kwargs = inputs.serving()
+    kwargs["schedule"] = dataclasses.replace(kwargs["schedule"], paged_attention="flex")
+    check_serving_consistency(inputs.config, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- the check can fail
+
+
+def test_flex_attention_that_ignores_page_owners_is_caught(monkeypatch):
+    """Rows see entries of blocks that other rows own (eager mode scores every entry of the pool)."""
+    monkeypatch.setattr(paged_flex, "owned", lambda row_P, block, seq: row_P[block] >= -1)
+    tight = dataclasses.replace(BUSY, paged_attention="flex")
+    with pytest.raises(AssertionError, match="serving consistency"):
+        check_serving_consistency(micro_config(MOR, num_recursions=2), max_tokens=6, schedule=tight, seed=2)
+
 
 
 def test_a_dropped_kv_write_is_caught(monkeypatch):
@@ -107,3 +131,24 @@ def test_items_at_different_steps_share_one_call_of_the_block(monkeypatch):
     check_serving_consistency(micro_config(MOR, num_recursions=3), max_tokens=8, schedule=BUSY, seed=5,
                               capacities=[1.0, 0.7, 0.4])
     assert any(len(steps) >= 2 for steps in calls), calls
+
+
+def test_a_flex_kernel_that_cannot_be_built_falls_back_to_gather_unless_chosen(monkeypatch):
+    from adaptive.serving import EngineConfig, SamplingParams, ServingEngine
+    from adaptive.serving import kv_pool
+    from adaptive.testing import as_model
+
+    model = as_model(micro_config(MOR, num_recursions=2), seed=0, capacities=[0.8, 0.5])
+    want = ServingEngine(model, EngineConfig(paged_attention="gather")).generate([[1, 2, 3]], SamplingParams(
+        max_tokens=4, temperature=0))[0].tokens
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(kv_pool, "attend_pages", broken)
+    monkeypatch.setattr(EngineConfig, "attention_path", lambda self, device: "flex")  # as "auto" does on CUDA
+    with pytest.warns(RuntimeWarning, match="using the gather path"):
+        got = ServingEngine(model, EngineConfig()).generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))
+    assert got[0].tokens == want
+    with pytest.raises(RuntimeError, match="no kernel"):
+        ServingEngine(model, EngineConfig(paged_attention="flex")).generate([[1, 2, 3]], SamplingParams(max_tokens=2))

@@ -82,7 +82,7 @@ def test_tokenizer_file(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (TokenizerConfig(kind="file"), "tokenizer.path: set it"),
+    (TokenizerConfig.model_construct(kind="file", vocab_size=2048, path=None), "tokenizer.path: set it"),  # validation refuses it first
     (TokenizerConfig(kind="file", path="/nonexistent/tok.json"), "tokenizer.path: .* does not exist"),
 ])
 def test_tokenizer_file_errors(tmp_path, cfg, message):

@@ -30,6 +30,7 @@ class RoutingTally:
         self.layers_per_step = len(plan.steps[0]) if plan.steps else 0
         self.fixed_layers = len(plan.prelude) + len(plan.coda)
         self.capacities = model.engine.scheduler.capacities(model.router.base_capacities(), None) if plan.steps else []
+        self.hierarchical = model.router.hierarchical  # False: each step chooses among all tokens (MoD)
         self.depth = StepAccumulator()  # the trainer's depth histogram, reused
         self.selected_R = torch.zeros(self.num_steps, dtype=torch.float64)
         self.tokens = 0.0
@@ -52,7 +53,8 @@ class RoutingTally:
             acc = stats.metrics.get(f"sampling_acc/step{r}")
             if acc is None:
                 continue
-            active_BT = stats.selected_per_step[r - 1] if r else torch.ones_like(stats.selected_per_step[0])
+            nested = r and self.hierarchical  # the tokens step r chose among: those that ran step r-1, or all
+            active_BT = stats.selected_per_step[r - 1] if nested else torch.ones_like(stats.selected_per_step[0])
             eligible = float(active_BT.sum())
             self.agree_R[r] += float(acc) * eligible
             self.eligible_R[r] += eligible

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +17,26 @@ PRESETS: dict[str, dict[str, int]] = {
     "smollm-730m": dict(num_layers=26, d_model=1536, num_heads=24, num_kv_heads=8, d_ffn=4096, vocab_size=49152, max_seq_len=2048),
     "smollm-1.7b": dict(num_layers=24, d_model=2048, num_heads=32, num_kv_heads=32, d_ffn=8192, vocab_size=49152, max_seq_len=2048),
 }
+class RopeScaling(BaseModel):
+    """Llama 3 RoPE frequency scaling (``rope_scaling`` of Llama 3.1/3.2): wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``, those shorter than
+    ``original_max_position_embeddings / high_freq_factor`` are kept, and the band between is interpolated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rope_type: Literal["llama3"] = Field(description="the scaling rule; only llama3 is implemented")
+    factor: float = Field(ge=1, description="how much the low frequencies are stretched")
+    low_freq_factor: float = Field(gt=0, description="original context / low_freq_factor: longest kept-as-is band edge")
+    high_freq_factor: float = Field(gt=0, description="original context / high_freq_factor: shortest wavelength scaled")
+    original_max_position_embeddings: int = Field(gt=0, description="the context length the model was pretrained on")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"high_freq_factor={self.high_freq_factor} must exceed low_freq_factor={self.low_freq_factor}")
+        return self
+
+
 SHAPE_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ffn", "vocab_size", "max_seq_len")
 
 
@@ -34,9 +54,11 @@ class ModelConfig(BaseModel):
     num_heads: int | None = Field(default=None, gt=0, description="query heads; must divide d_model")
     num_kv_heads: int | None = Field(default=None, gt=0, description="key/value heads (GQA); must divide num_heads")
     d_ffn: int | None = Field(default=None, gt=0, description="inner width of the feed-forward block")
-    vocab_size: int | None = Field(default=None, gt=0, description="vocabulary; training uses the tokenizer's and warns if it differs")
+    vocab_size: int | None = Field(default=None, gt=0, description="embedding rows; unset or the preset's value: the tokenizer's size; another value must be at least the tokenizer's size (the rest is padding)")
     max_seq_len: int | None = Field(default=None, gt=0, description="longest context (default KV-cache length)")
     rope_theta: float = Field(default=10000.0, gt=0, description="RoPE base")
+    rope_scaling: RopeScaling | None = Field(default=None, description="Llama 3 frequency scaling {rope_type: llama3, "
+                                             "factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}")
     norm_eps: float = Field(default=1e-5, gt=0, description="RMSNorm epsilon")
     init_std: float = Field(default=0.02, gt=0, description="std of the normal init of every linear and embedding")
     tie_embeddings: bool = Field(default=True, description="LM head shares the embedding matrix")
@@ -54,7 +76,7 @@ class ModelConfig(BaseModel):
     def _fill_preset(cls, data: Any) -> Any:
         if not isinstance(data, dict) or data.get("preset") is None:
             return data
-        if data["preset"] not in PRESETS:
+        if not isinstance(data["preset"], str) or data["preset"] not in PRESETS:
             return data  # reported on the preset key by _known_preset
         preset = data["preset"]
         return {**PRESETS[preset], **{k: v for k, v in data.items() if v is not None}}
@@ -71,12 +93,15 @@ class ModelConfig(BaseModel):
         missing = [k for k in SHAPE_KEYS if k != "vocab_size" and getattr(self, k) is None]
         if missing:
             raise ValueError(f"set {', '.join(missing)} or a preset ({', '.join(PRESETS)})")
+        problems = []  # every shape problem at once
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+            problems.append(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
-        if (self.d_model // self.num_heads) % 2:
-            raise ValueError(f"head dim d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE")
+            problems.append(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+        if not self.d_model % self.num_heads and (self.d_model // self.num_heads) % 2:
+            problems.append(f"head dim d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

@@ -1,10 +1,11 @@
 """The recursion engine: prelude, routed recursion steps over the shared block, coda.
 
 At each recursion step the engine asks the depth scheduler for the step's capacity and the router for
-the tokens that continue (ANDed with the tokens still active: hierarchical filtering lives here, once),
-gathers those tokens, runs the step's layers on them with the KV policy's attention rule, and scatters
-the result back through ``Router.combine``. Nothing is kept on the module between forwards: auxiliary
-losses and statistics are returned.
+the tokens that continue (ANDed with the tokens still active: hierarchical filtering lives here, once;
+a router that declares ``hierarchical = False`` chooses among every token at every step), gathers those
+tokens, runs the step's layers on them with the KV policy's attention rule, and scatters the result back
+through ``Router.combine``. Nothing is kept on the module between forwards: auxiliary losses and
+statistics are returned.
 
 Static shapes: when the router guarantees a per-row count (top-k in training) the gather has that size
 and no host sync happens. Data-dependent routing (the causal inference rule, token-choice) takes one
@@ -14,7 +15,7 @@ host sync per step to size the gather at the largest row count; a step no token 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ class Pass:
     progress: float | None
     cos_BT: Tensor  # rotary tables at every position of the pass (B 1 T E)
     sin_BT: Tensor
+    ffn_counts: dict[str, Tensor] = field(default_factory=dict)  # FFNOutput.counts of this pass (RoutingStats)
 
     @property
     def length(self) -> int:
@@ -159,6 +161,7 @@ class RecursionEngine(StepEntryPoints, nn.Module):
             h_BTD = self.recurse(h_BTD, p, aux, stats)
         for layer in self.coda_layers:
             h_BTD = self.run_layers([layer], h_BTD, self.wire_full(everyone, p, h_BTD), p, aux)
+        stats.ffn_counts = p.ffn_counts
         return h_BTD, dict(aux), stats
 
     def recurse(self, h_BTD: Tensor, p: Pass, aux: dict, stats: RoutingStats) -> Tensor:
@@ -175,12 +178,17 @@ class RecursionEngine(StepEntryPoints, nn.Module):
                                first_BTD, carry, p.doc_ids_BT)
             decision, selected_BT = self.decide(h_BTD, ctx)
             self.record(step, decision, selected_BT, aux, stats)
-            carry, active_BT = decision.carry, selected_BT
+            carry = decision.carry
+            if self.router.hierarchical:  # only the tokens that run this step may run the next
+                active_BT = selected_BT
             depth_BT = depth_BT + selected_BT.long()
             sel = compact(selected_BT, decision, T)
-            if sel.size == 0 and not torch.is_grad_enabled():  # inference: no token reaches this step, so
-                self.write_frozen(step, h_BTD, p)  # deeper steps are skipped (only the KV a cache is owed)
-                break
+            if sel.size == 0 and not torch.is_grad_enabled():  # inference: no token runs this step (nor, when
+                # hierarchical, any deeper one), so it is skipped: only the KV a cache is owed is written
+                self.write_frozen(range(step, self.plan.num_steps) if self.router.hierarchical else [step], h_BTD, p)
+                if self.router.hierarchical:
+                    break
+                continue
             # with gradients on, an empty step still runs (on zero tokens): every process of a DDP/FSDP
             # run must call the same modules in the same order
             wiring = self.wire_step(step, sel, p, h_BTD, valid_BT)
@@ -191,15 +199,17 @@ class RecursionEngine(StepEntryPoints, nn.Module):
         stats.depth_BT = depth_BT
         return h_BTD
 
-    def write_frozen(self, first_step: int, h_BTD: Tensor, p: Pass) -> None:
-        """Steps from ``first_step`` on, which no token of this pass reaches, still owe a persistent cache
-        the entries their policy writes for every token (``writes="all"``: exited tokens from their frozen
-        state); without them a later decode token would not see these columns, unlike the full forward."""
-        if p.store is None or not p.store.persistent:
-            return  # within one forward nothing reads a step that no token reaches
+    def write_frozen(self, steps, h_BTD: Tensor, p: Pass) -> None:
+        """``steps``, which no token of this pass runs, still owe a persistent cache the entries their
+        policy writes for every token (``writes="all"``: skipped or exited tokens from their frozen state);
+        without them a later decode token would not see these columns, unlike the full forward. Within one
+        forward only a later step of an independent (non-hierarchical) router can read them."""
+        if p.store is None:
+            return
         cols_BT = p.columns_BT()
-        for step in range(first_step, self.plan.num_steps):
-            if self.kv_policy.writes(step) != "all":
+        for step in steps:
+            owed = p.store.persistent or (not self.router.hierarchical and self.read_later(step))
+            if self.kv_policy.writes(step) != "all" or not owed:
                 continue
             for logical in self.step_layers[step]:
                 weights: Layer = self.layers[self.physical_of[logical]]
@@ -209,7 +219,8 @@ class RecursionEngine(StepEntryPoints, nn.Module):
 
     def decide(self, h_BTD: Tensor, ctx: RouteContext) -> tuple[RouteDecision, Tensor]:
         """The router's decision at ``ctx.step`` and the tokens that run it: hierarchical filtering (a token
-        runs a step only if it is still active) is applied here, once, for every caller."""
+        runs a step only if it is still active) is applied here, once, for every caller (``ctx.active_BT``
+        is every token for a router that declares ``hierarchical = False``)."""
         decision = self.router.route(h_BTD, ctx)
         return decision, decision.selected_BT & ctx.active_BT
 
@@ -242,14 +253,17 @@ class RecursionEngine(StepEntryPoints, nn.Module):
     def wire_step(self, step: int, sel: Selection, p: Pass, h_BTD: Tensor, valid_BT: Tensor) -> StepWiring:
         writes, reads = self.kv_policy.writes(step), self.kv_policy.reads(step)
         self_contained = reads == (step,) and (writes == "selected" or (writes == "all" and sel.idx_BK is None))
-        read_later = any(step in self.kv_policy.reads(s) for s in range(step + 1, self.plan.num_steps))
         persistent = p.store is not None and p.store.persistent
-        use_store = persistent or not self_contained or read_later
+        use_store = persistent or not self_contained or self.read_later(step)
         wiring = StepWiring(sel, writes, reads, use_store, sel.gather(p.cos_BT.squeeze(1)).unsqueeze(1),
                             sel.gather(p.sin_BT.squeeze(1)).unsqueeze(1), dense_hidden=h_BTD)
         if not use_store:
             wiring.compact_allowed = self.compact_mask(sel, p, p.valid_BT)
         return wiring
+
+    def read_later(self, step: int) -> bool:
+        """Whether a later step's queries read ``step``'s slots."""
+        return any(step in self.kv_policy.reads(s) for s in range(step + 1, self.plan.num_steps))
 
     @staticmethod
     def compact_mask(sel: Selection, p: Pass, valid_BT: Tensor | None) -> Tensor | None:
@@ -286,20 +300,38 @@ class RecursionEngine(StepEntryPoints, nn.Module):
             causal = w.compact_allowed is None
             return self.backend.attend(q_BHKE, k_BGKE, v_BGKE, allowed_BQS=w.compact_allowed, causal=causal)
 
-        return self.layer_forward(logical, x_BKD, attend, aux)
+        valid_BK = None
+        if self.layers[self.physical_of[logical]].ffn.takes_valid_mask:  # real tokens: not padding, not surplus
+            valid_BK = _and(w.sel.qvalid_BK, None if p.valid_BT is None else w.sel.gather(p.valid_BT))
+        return self.layer_forward(logical, x_BKD, attend, aux, valid_BK, p.ffn_counts)
 
-    def layer_forward(self, logical: int, x_BKD: Tensor, attend, aux: dict) -> Tensor:
+    def layer_forward(self, logical: int, x_BKD: Tensor, attend, aux: dict, valid_BK: Tensor | None = None,
+                      counts: dict[str, Tensor] | None = None) -> Tensor:
         """One decoder layer (pre-norm attention, then the FFN); ``attend(weights, norms, normed_BKD)`` returns
-        the attention output, so each caller decides which keys the queries see."""
+        the attention output, so each caller decides which keys the queries see. ``valid_BK`` reaches an FFN
+        that ``takes_valid_mask``; its ``FFNOutput.counts`` are summed into ``counts`` as ``layer{physical}/{name}``."""
         weights: Layer = self.layers[self.physical_of[logical]]
         norms: Norms = self.norms[self.norm_index[logical]]
         normed_BKD = norms.attn_norm(x_BKD)
         x_BKD = x_BKD + weights.attn.output(attend(weights, norms, normed_BKD))
         B, K, D = x_BKD.shape
-        ffn = weights.ffn(norms.ffn_norm(x_BKD).reshape(B * K, D))
+        normed_ND = norms.ffn_norm(x_BKD).reshape(B * K, D)
+        if weights.ffn.takes_valid_mask:
+            ffn = weights.ffn(normed_ND, valid_N=None if valid_BK is None else valid_BK.reshape(B * K))
+        else:
+            ffn = weights.ffn(normed_ND)
         for name, value in ffn.aux_losses.items():
             aux[name] = aux[name] + value.float()
+        for name, value in ffn.counts.items() if counts is not None else ():
+            key = f"layer{self.physical_of[logical]}/{name}"
+            counts[key] = counts[key] + value.detach() if key in counts else value.detach()
         return x_BKD + ffn.out_BTD.reshape(B, K, D)
+
+    def ffns_after_optimizer_step(self, stats: RoutingStats) -> None:
+        """Each physical layer's FFN gets its own ``counts`` from ``stats.ffn_counts`` (``FFN.after_optimizer_step``)."""
+        for physical, layer in enumerate(self.layers):
+            prefix = f"layer{physical}/"
+            layer.ffn.after_optimizer_step({k[len(prefix):]: v for k, v in stats.ffn_counts.items() if k.startswith(prefix)})
 
     def attend_store(self, logical: int, weights: Layer, norms: Norms, x_BKD: Tensor, normed_BKD: Tensor,
                      q_BHKE: Tensor, w: StepWiring, p: Pass) -> Tensor:

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 Tensor = torch.Tensor
+
+
+class Float32Buffers:
+    """Mixin for a module whose ``balance_bias`` buffer stays float32 whatever the module is cast to (only its
+    device follows), as balancing state updated outside autograd needs. List it before the nn.Module base."""
+
+    float32_buffers: tuple[str, ...] = ("balance_bias",)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers.get(name) for name in self.float32_buffers}
+        module = super()._apply(fn, recurse)
+        for name, buffer in kept.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(device=self._buffers[name].device, dtype=torch.float32)
+        return module
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +42,11 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """RoPE evaluated at explicit positions, so a gathered subset keeps its original positions."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling=None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        if scaling is not None:  # a config.RopeScaling
+            inv_freq = llama3_scaled(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.head_dim = head_dim
         self.theta = theta
@@ -49,3 +68,15 @@ class Rotary(nn.Module):
         if not self.inv_freq.is_floating_point() or self.inv_freq.dtype in (torch.float16, torch.bfloat16):
             self.inv_freq = inv.to(self.inv_freq.device)
         return out
+
+
+def llama3_scaled(inv_freq: Tensor, scaling) -> Tensor:
+    """Llama 3 frequency scaling: long wavelengths divided by ``factor``, short ones kept, and a linear blend
+    (in 1 / wavelength) over the band between ``context / high_freq_factor`` and ``context / low_freq_factor``."""
+    context = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    blend = (context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    long = wavelen > context / scaling.low_freq_factor
+    short = wavelen < context / scaling.high_freq_factor
+    return torch.where(long, inv_freq / scaling.factor, torch.where(short, inv_freq, blended))

@@ -53,7 +53,7 @@ class AdaptiveLM(nn.Module):
         self.engine = RecursionEngine(self.plan, layers, norms, norm_index, router, kv_policy, scheduler, backend)
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
-        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -125,7 +125,9 @@ class AdaptiveLM(nn.Module):
         return units
 
     def after_optimizer_step(self, stats: RoutingStats) -> None:
+        """After each optimizer step: the router's state (balancing), then each FFN's (an MoE's loss-free bias)."""
         self.engine.router.after_optimizer_step(stats)
+        self.engine.ffns_after_optimizer_step(stats)
 
     def num_params(self, unique: bool = True) -> int:
         """Parameter count; shared tensors are counted once (``unique``) or once per logical use: the sum over

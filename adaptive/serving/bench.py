@@ -40,6 +40,7 @@ class BenchOptions:
     stop_at_eos: bool = False  # False: each request generates its drawn length (the same work for both sides)
     prompt_source: str = "auto"  # auto | corpus | random
     max_tokens_per_iteration: int = 512
+    paged_attention: str = "auto"  # EngineConfig.paged_attention: auto | gather | flex
 
 
 @dataclass
@@ -115,7 +116,7 @@ def vanilla_counterpart(cfg: ModelConfig, num_logical: int) -> ModelConfig:
 def run_once(model: AdaptiveLM, work: Workload, opts: BenchOptions, eos_id: int | None) -> RunResult:
     max_len = max(len(p) + n for p, n in zip(work.prompts, work.new_tokens))
     config = EngineConfig(max_batch=opts.batch, block_size=opts.block_size, max_len=max_len,
-                          max_tokens_per_iteration=opts.max_tokens_per_iteration)
+                          max_tokens_per_iteration=opts.max_tokens_per_iteration, paged_attention=opts.paged_attention)
     engine = ServingEngine(model, config, eos_id=eos_id)
     start = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=not opts.stop_at_eos),
@@ -200,16 +201,16 @@ def load_target(target: str, registry: Registry, device: torch.device, dtype: to
     """(model, tokenizer or None, corpus token stream or None) for a run/checkpoint directory or a recipe."""
     from adaptive import recipe as recipes
     from adaptive.serving.loading import load_run
+    from adaptive.vocab import resolved_vocab_size
 
     path = Path(target)
     if path.is_dir():
         run = load_run(path, registry, device=str(device))
         model, tokenizer, recipe = run.model, run.tokenizer, run.recipe
-    elif path.is_file():
+    elif path.is_file() or not path.exists():  # a recipe file, or a shipped recipe's name
         recipe = recipes.load(path, registry=registry)
         torch.manual_seed(recipe.seed)
-        vocab = recipe.model.vocab_size or recipe.tokenizer.vocab_size
-        model, tokenizer = build_model(recipe.model, registry, vocab).to(device), None
+        model, tokenizer = build_model(recipe.model, registry, resolved_vocab_size(recipe)).to(device), None
     else:
         raise ValueError(f"{target}: neither a run directory, a checkpoint nor a recipe file")
     model.to(dtype=dtype)

@@ -35,6 +35,12 @@ class BlockManager:
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.reserved: list[tuple[int, int]] = []  # (row, slot) given blocks that a write may not use
         self.max_len = max_len
+        # the owner of every block (the trash block and free blocks: row -1), for attention that reads the
+        # pool in place (paged_flex); ``version`` changes whenever ownership does
+        self.block_row = np.full(num_blocks + 1, -1, dtype=np.int64)
+        self.block_slot = np.full(num_blocks + 1, num_slots, dtype=np.int64)
+        self.block_pos = np.zeros(num_blocks + 1, dtype=np.int64)
+        self.version = 0
 
     # ------------------------------------------------------------------ accounting
 
@@ -72,6 +78,8 @@ class BlockManager:
             self.tables[row, s, h:w] = taken
             self.held[row, s] = w
             self.reserved.append((row, s))
+            self.block_row[taken], self.block_slot[taken], self.block_pos[taken] = row, s, np.arange(h, w)
+        self.version += 1
 
     def commit(self, rows: np.ndarray, slots: np.ndarray, written: np.ndarray) -> None:
         """``written[i]`` entries were appended to slot ``slots[i]`` of row ``rows[i]``."""
@@ -90,6 +98,7 @@ class BlockManager:
         for row, slot, k in zip(rows[surplus].tolist(), slots[surplus].tolist(), keep[surplus].tolist()):
             held = int(self.held[row, slot])
             if held > k:  # (a pair may be listed twice)
+                self._disown(self.tables[row, slot, k:held])
                 self.free.extend(self.tables[row, slot, k:held].tolist())
                 self.tables[row, slot, k:held] = self.trash_block
                 self.held[row, slot] = k
@@ -97,8 +106,13 @@ class BlockManager:
     def release(self, row: int) -> None:
         """Return every block of ``row`` (its sequence finished or was preempted)."""
         mine = np.arange(self.max_blocks)[None] < self.held[row][:, None]
+        self._disown(self.tables[row][mine])
         self.free.extend(self.tables[row][mine].tolist())
         self.tables[row] = self.trash_block
         self.lengths[row] = 0
         self.held[row] = 0
         self.reserved = [(r, s) for r, s in self.reserved if r != row]
+
+    def _disown(self, blocks: np.ndarray) -> None:
+        self.block_row[blocks], self.block_slot[blocks], self.block_pos[blocks] = -1, self.num_slots, 0
+        self.version += 1

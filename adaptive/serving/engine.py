@@ -54,7 +54,9 @@ class ServingEngine:
         device, dtype = model.embed.weight.device, model.embed.weight.dtype
         self.pool = KVPool(num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype, device)
         arena = config.max_batch + config.max_tokens_per_iteration * (plan.num_steps + 1)
-        self.runner = ModelRunner(model, self.blocks, self.pool, config.max_batch, arena)
+        self.attention_path = config.attention_path(device)
+        self.runner = ModelRunner(model, self.blocks, self.pool, config.max_batch, arena, self.attention_path,
+                                  chosen=config.paged_attention == "flex")
         r = self.runner
         self.scheduler = Scheduler(config, self.blocks, r, plan.num_steps, [list(l) for l in model.engine.step_layers],
                                    r.prelude, r.coda, r.writes)
@@ -76,20 +78,7 @@ class ServingEngine:
         """Queue a request (``arrival``: when it may start, ``time.perf_counter()`` clock; default now)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
-        vocab = self.model.vocab_size
-        if not prompt:
-            raise ValueError("prompt: a request needs at least one token")
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt: token ids must be in [0, {vocab}) (the model's vocabulary)")
-        if len(prompt) + params.max_tokens > self.max_len:
-            raise ValueError(f"max_tokens: a prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} "
-                             f"exceeds the context of {self.max_len} tokens")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need the engine's tokenizer (use stop_token_ids without one)")
-        worst = -(-(len(prompt) + params.max_tokens) // self.blocks.block_size) * self.blocks.num_slots
-        if worst > self.blocks.num_blocks:
-            raise ValueError(f"max_tokens: the request may need {worst} KV blocks at full depth, more than the pool's "
-                             f"{self.blocks.num_blocks}; raise num_blocks or shorten it")
+        self.check_request(prompt, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -103,6 +92,27 @@ class ServingEngine:
                             len(waiting)), q)
         return request_id
 
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ``ValueError`` naming the field when the engine could never serve this request (reads only
+        the engine's fixed limits, so any thread may call it)."""
+        vocab = self.model.vocab_size
+        if not prompt:
+            raise ValueError("prompt: a request needs at least one token")
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt: token ids must be in [0, {vocab}) (the model's vocabulary)")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt: {len(prompt)} tokens leave no room in the context of {self.max_len} tokens "
+                             f"(prompt + max_tokens must fit)")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(f"max_tokens: a prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} "
+                             f"exceeds the context of {self.max_len} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need the engine's tokenizer (use stop_token_ids without one)")
+        worst = -(-(len(prompt) + params.max_tokens) // self.blocks.block_size) * self.blocks.num_slots
+        if worst > self.blocks.num_blocks:
+            raise ValueError(f"max_tokens: the request may need {worst} KV blocks at full depth, more than the pool's "
+                             f"{self.blocks.num_blocks}; raise num_blocks or shorten it")
+
     def abort(self, request_id: str) -> None:
         """Stop a request now (between iterations): its blocks are freed, its tokens so far kept."""
         q = self.requests.get(request_id)
@@ -111,6 +121,12 @@ class ServingEngine:
         if q in self.scheduler.waiting:
             self.scheduler.waiting.remove(q)
         self._complete(q, "abort")
+
+    def pop_finished(self, request_id: str) -> Completion:
+        """Hand back a finished request's completion and forget the request (a long-running server calls
+        this for every request, so the engine holds nothing of finished work)."""
+        self.requests.pop(request_id)
+        return self.completions.pop(request_id)
 
     def has_unfinished(self) -> bool:
         return any(q.status is not Status.FINISHED for q in self.requests.values())
@@ -180,16 +196,22 @@ class ServingEngine:
             if g.cancelled:
                 continue
             live = offsets[f]
-            was = g.live_mask[offsets]
-            gone_mask = was & ~f
-            if gone_mask.any():  # exited at ``step``; step 0's keys/values were written in its block call
-                g.exits.append((offsets[gone_mask], step if step > 0 else 1))
-            g.live_mask[offsets] = f
-            g.depth_T[live] = step + 1
+            if self.runner.hierarchical:
+                was = g.live_mask[offsets]
+                gone_mask = was & ~f
+                if gone_mask.any():  # exited at ``step``; step 0's keys/values were written in its block call
+                    g.exits.append((offsets[gone_mask], step if step > 0 else 1))
+                g.live_mask[offsets] = f
+                g.depth_T[live] = step + 1
+            else:  # independent routing: a token skipped at ``step`` owes only its keys/values there, and goes on
+                if step > 0 and not f.all():
+                    g.exits.append((offsets[~f], step))
+                g.depth_T[live] += 1
+                self.stats.step_runs[step] += len(live)
             if commit_step0:
                 self.step0_commits.append((g.request.row, len(live)))
             g.live, g.step = live, step
-            if not len(live):
+            if not len(live) and (self.runner.hierarchical or step + 1 == self.runner.num_steps):
                 g.finished = True
 
     def _sampled(self, g: Group, token: int, now: float) -> TokenEvent:
@@ -201,18 +223,29 @@ class ServingEngine:
         if emitted is not None:
             q.output.append(token)
             q.depths.append(depth)
+        try:  # host-side work of this request alone: a failure here fails it, not its batch-mates
+            reason, text = self._text(q, emitted, reason)
+            event = TokenEvent(q.id, emitted, text, depth, reason is not None, reason)
+            if q.on_token is not None:
+                q.on_token(event)
+        except Exception as exc:  # noqa: BLE001 - reported as the request's error
+            q.error = f"{type(exc).__name__}: {exc}"
+            event, reason = TokenEvent(q.id, None, "", depth, True, "error"), "error"
+        if reason is not None:
+            self._complete(q, reason)
+        return event
+
+    def _text(self, q: Request, emitted: int | None, reason: str | None) -> tuple[str | None, str]:
+        """The finish reason after ``emitted`` and the text it adds (all held-back text once it finishes)."""
         tracker = self.texts.get(q.id)
         text = tracker.add(emitted) if tracker is not None else ""
         if reason is None and tracker is not None and tracker.stopped is not None:
             reason, q.stop_reason = "stop", tracker.stopped
         if reason is None and len(q.output) >= q.params.max_tokens:
             reason = "length"
-        event = TokenEvent(q.id, emitted, text, depth, reason is not None, reason)
-        if q.on_token is not None:
-            q.on_token(event)
-        if reason is not None:
-            self._complete(q, reason)
-        return event
+        if reason is not None and tracker is not None and emitted is not None:
+            text += tracker.add(None)
+        return reason, text
 
     def _stop_reason(self, q: Request, token: int) -> str | None:
         params = q.params
@@ -238,7 +271,7 @@ class ServingEngine:
         self.completions[q.id] = Completion(q.id, q.prompt, list(q.output), text, reason, list(q.depths), q.arrival,
                                             list(q.token_times), q.stop_reason,
                                             [t.cpu() for t in q.logits] if q.params.return_logits else None,
-                                            q.preemptions)
+                                            q.preemptions, q.error)
 
     # ------------------------------------------------------------------ whole workloads
 

@@ -14,8 +14,11 @@ weights, each row writing and reading its own step's slots). Per layer j it
    an entry is visible iff it is stored, at a column no later than the query's, and not shadowed by an
    entry at the same column in an earlier-listed slot.
 
-On the CPU the gather plus SDPA with a mask is the whole kernel. Rows of one token (decode) and rows of
-several (prefill chunks) attend in separate batches, so a chunk's padding never multiplies decode work.
+The gather plus the model's attention backend with that mask is the CPU default. On CUDA the default is
+FlexAttention over the pool in place, with a block mask of each row's pages and the same mask as a
+``mask_mod`` (``paged_flex``; ``EngineConfig.paged_attention`` chooses). Rows of one token (decode) and
+rows of several (prefill chunks) attend in separate batches, so a chunk's padding never multiplies decode
+work.
 
 Shape legend: N tokens of the call, R rows, J layers of the call, X slots read per layer, S keys gathered
 per row, G kv heads, H query heads, E head dim.
@@ -30,6 +33,7 @@ import torch
 
 from adaptive.interfaces import AttentionBackend
 from adaptive.model.engine import TokenKV, ensure_nonempty
+from adaptive.serving.paged_flex import PageOwners, attend_pages, slot_positions
 
 Tensor = torch.Tensor
 
@@ -78,11 +82,14 @@ class PagedCall(TokenKV):
     """Writes and attention of one call (see the module docstring)."""
 
     def __init__(self, pool: KVPool, tables: np.ndarray, lengths: np.ndarray, rows: CallRows, col_N: Tensor,
-                 may_write_N: np.ndarray, decided_N: Tensor | None, backend: AttentionBackend, max_col: int):
+                 may_write_N: np.ndarray, decided_N: Tensor | None, backend: AttentionBackend, max_col: int,
+                 owners: PageOwners | None = None):
         """``may_write_N``: the tokens whose policy stores their keys/values here; ``decided_N`` (None: all
         True), the routing decision known only on the device: a token writes iff both hold. Everything the
-        host knows is computed on the host; the device only applies ``decided_N``."""
+        host knows is computed on the host; the device only applies ``decided_N``. With ``owners``, attention
+        reads the pool in place (``paged_flex``) instead of gathering each row's blocks."""
         self.pool, self.backend, self.rows, self._tables = pool, backend, rows, tables
+        self.owners = owners
         self.span = max_col + 1  # columns [0, span) cover every key a query of this call may see
         device = self.device = pool.kv.device
         bs = pool.block_size
@@ -112,6 +119,9 @@ class PagedCall(TokenKV):
         rblocks = max(1, int(-(-(read_base_RJX + counts[:, None, None]).max() // bs)))
         self.rtable_RJXB = self._t(tables[seq_R1[..., None], rows.read_slot_RJX, :rblocks])  # R J X B
         self.batches = self._batches(device)
+        if owners is not None:
+            self.seq_R = self._t(rows.seq_R)
+            self.x_of_RJS = self._t(slot_positions(rows.read_slot_RJX, tables.shape[1]))
 
     def _t(self, array: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -182,8 +192,6 @@ class PagedCall(TokenKV):
         table_RXB = self.rtable_RJXB[:, j] if batch.in_order else self.rtable_RJXB[:, j].index_select(0, batch.rows_R)
         R, X, B = table_RXB.shape
         blocks = table_RXB.reshape(-1)
-        kv_RS2GE = pool.kv.index_select(0, blocks).view(R, X * B * bs, *pool.kv.shape[2:])
-        k_RGSE, v_RGSE = kv_RS2GE[:, :, 0].transpose(1, 2), kv_RS2GE[:, :, 1].transpose(1, 2)
         if batch.index_RK is None:  # one query per row: the row's single token
             q_HRE = q_HNE if batch.in_order else q_HNE.index_select(1, batch.tokens)
             q_RHKE = q_HRE.transpose(0, 1)[:, :, None]
@@ -191,10 +199,25 @@ class PagedCall(TokenKV):
             q_RHKE = q_HNE.index_select(1, batch.index_RK.reshape(-1)).view(H, R, -1, E).transpose(0, 1)
         allowed_RKS = batch.mask if self.same_mask and batch.mask is not None else self.mask(j, batch, blocks, X, B)
         batch.mask = allowed_RKS
-        out_RHKE = self.backend.attend(q_RHKE, k_RGSE, v_RGSE, allowed_BQS=allowed_RKS, causal=False)
+        out_RHKE = None
+        if self.owners is not None and self.owners.failed is None:
+            try:
+                out_RHKE = self.attend_in_place(j, batch, table_RXB, allowed_RKS, q_RHKE)
+            except Exception as exc:  # noqa: BLE001 - a kernel that cannot be built here: the gather path
+                self.owners.give_up(exc)
+        if out_RHKE is None:
+            kv_RS2GE = pool.kv.index_select(0, blocks).view(R, X * B * bs, *pool.kv.shape[2:])
+            k_RGSE, v_RGSE = kv_RS2GE[:, :, 0].transpose(1, 2), kv_RS2GE[:, :, 1].transpose(1, 2)
+            out_RHKE = self.backend.attend(q_RHKE, k_RGSE, v_RGSE, allowed_BQS=allowed_RKS, causal=False)
         if batch.index_RK is None:
             return out_RHKE[:, :, 0].transpose(0, 1)
         return out_RHKE.transpose(0, 1).reshape(H, -1, E).index_select(1, batch.real)
+
+    def attend_in_place(self, j: int, batch: AttentionBatch, table_RXB: Tensor, allowed_RKS: Tensor,
+                        q_RHKE: Tensor) -> Tensor:
+        pick = (lambda t: t) if batch.in_order else (lambda t: t.index_select(0, batch.rows_R))  # noqa: E731
+        return attend_pages(self.pool.kv, self.pool.block_size, self.owners, pick(self.seq_R), pick(self.x_of_RJS[:, j]),
+                            table_RXB, allowed_RKS, q_RHKE)
 
     def mask(self, j: int, batch: AttentionBatch, blocks: Tensor, X: int, B: int) -> Tensor:
         """(R, K, S): an entry is visible to a query iff it is stored, not later than the query's column, and

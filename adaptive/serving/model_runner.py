@@ -10,6 +10,10 @@ a ``writes="all"`` policy), ``finish`` (coda, head, sampling), ``admit`` (embedd
 routing), ``block_calls`` (one call of the shared block per group of steps that share weights: items at
 different steps together, each reading its own step's slots, then each step's update and next routing),
 ``finish`` again for the groups that just ran the last step, and ``sync``: the iteration's one host sync.
+
+A router that declares ``hierarchical = False`` (independent steps, Mixture-of-Depths) routes every token
+of a group at every step: the tokens it keeps run the step, the others skip it (owing only that step's
+``writes="all"`` keys/values) and are routed again at the next step; a group may skip a whole step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from adaptive.model.transformer import AdaptiveLM
 from adaptive.serving.block_manager import BlockManager
 from adaptive.serving.kv_pool import CallRows, KVPool, PagedCall
+from adaptive.serving.paged_flex import PageOwners
 from adaptive.serving.sampling import SamplingBatch, sample
 from adaptive.serving.sequence import Group
 
@@ -30,9 +35,11 @@ Tensor = torch.Tensor
 
 
 class ModelRunner:
-    def __init__(self, model: AdaptiveLM, blocks: BlockManager, pool: KVPool, max_rows: int, arena_size: int):
+    def __init__(self, model: AdaptiveLM, blocks: BlockManager, pool: KVPool, max_rows: int, arena_size: int,
+                 attention_path: str = "gather", chosen: bool = False):
         self.model, self.engine, self.plan = model, model.engine, model.plan
         self.blocks, self.pool = blocks, pool
+        self.owners = PageOwners(blocks, pool.kv.device, chosen) if attention_path == "flex" else None
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
         engine, plan = self.engine, self.plan
@@ -44,6 +51,7 @@ class ModelRunner:
         self.read_slots = [[engine.read_slots(l, engine.kv_policy.reads(s)) for l in engine.step_layers[s]]
                            for s in range(plan.num_steps)]
         self.capacities = engine.inference_capacities()
+        self.hierarchical = engine.router.hierarchical
         self.step_groups, _ = engine.shared_step_groups()
         self.max_reads = max([len(engine.kv_policy.reads(s)) for s in range(plan.num_steps)] + [1])
         self._tables: dict[tuple, np.ndarray] = {}
@@ -86,7 +94,7 @@ class ModelRunner:
                              np.array([len(t) for _, t in rows], dtype=np.int64),
                              np.array(write_slots, dtype=np.int64).reshape(len(rows), J), read_RJX)
         return PagedCall(self.pool, self.blocks.tables, self.blocks.lengths, call_rows, col_N, may_write_N, decided_N,
-                         self.engine.backend, max_col)
+                         self.engine.backend, max_col, self.owners)
 
     def _read_table(self, reads: list[tuple[int, ...]]) -> np.ndarray:
         """(J, X) slots read by each layer, padded with the empty slot (cached per distinct reads)."""
@@ -131,13 +139,14 @@ class ModelRunner:
 
     def fill(self, work: list[tuple[Group, np.ndarray, int]]) -> None:
         """Keys/values of exited tokens at the steps from ``first`` on that write ``"all"`` (from the token's
-        frozen hidden state): a later token at such a step attends to them, as in the full forward."""
+        frozen hidden state): a later token at such a step attends to them, as in the full forward. With an
+        independent (non-hierarchical) router a token skipped at ``first`` owes that step only."""
         for step in range(self.num_steps):
             if self.writes[step] != "all":
                 continue
             owed: dict[int, tuple[Group, list[np.ndarray]]] = {}
             for g, t, first in work:
-                if first <= step and len(t):
+                if len(t) and (first == step or (self.hierarchical and first < step)):
                     owed.setdefault(id(g), (g, []))[1].append(t)
             rows = [(g, np.sort(np.concatenate(parts))) for g, parts in owed.values()]
             if not rows:
@@ -228,7 +237,11 @@ class ModelRunner:
         for steps in self.step_groups:
             members = sorted((g for g in groups if g.step in steps), key=lambda g: g.step)
             if members:
-                self.block_call(members)
+                running = [g for g in members if len(g.running())]  # (independent routing may skip a step whole)
+                if running:
+                    self.block_call(running)
+                if not self.hierarchical:
+                    self.route_next(members)
                 done += [g for g in members if g.step + 1 == self.num_steps]
         return done
 
@@ -266,11 +279,21 @@ class ModelRunner:
             new_N1D = self.engine.update(step, x_ND[part, None], out_ND[part, None], gate_N[part, None],
                                          first_ND[part, None], sel_N[part, None])
             new_parts.append(new_N1D[:, 0])
-            if step + 1 < self.num_steps:
+            if step + 1 < self.num_steps and self.hierarchical:  # (independent routing: route_next, below)
                 part_carry = tree_map(lambda t: t[part], carry) if carry is not None else None
                 self.route(step + 1, arena[part], new_N1D, first_ND[part, None], part_carry, sel_N[part, None], members)
             start += n
         self.hidden_AD.index_copy_(0, arena, new_parts[0] if len(new_parts) == 1 else torch.cat(new_parts))
+
+    def route_next(self, groups: list[Group]) -> None:
+        """Independent (non-hierarchical) routing: every token of each group, whether it ran the group's step
+        or skipped it, is routed at the next step from its hidden state now."""
+        for step in sorted({g.step for g in groups if g.step + 1 < self.num_steps}):
+            members = [g for g in groups if g.step == step]
+            arena = self._t(np.concatenate([g.arena for g in members]))
+            h_N1D = self.hidden_AD.index_select(0, arena)[:, None]
+            self.route(step + 1, arena, h_N1D, self.first_AD.index_select(0, arena)[:, None], self.carry_of(arena),
+                       None, [(g, np.arange(g.length)) for g in members])
 
     # ------------------------------------------------------------------ the one host sync
 

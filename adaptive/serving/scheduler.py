@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptive.serving.block_manager import BlockManager, OutOfBlocks
+from adaptive.serving.paged_flex import flex_available
 from adaptive.serving.sequence import Group, Request, Status
 
 
@@ -37,6 +40,16 @@ class EngineConfig(BaseModel):
                                    "max_batch full-length sequences in every slot")
     max_len: int | None = Field(default=None, ge=1, description="context length (prompt + generated); unset: "
                                 "the model's max_seq_len")
+    paged_attention: Literal["auto", "gather", "flex"] = Field(
+        default="auto", description="how attention reads the pages: `gather` copies each row's blocks out of the "
+        "pool, then calls the model's attention backend; `flex` runs FlexAttention in place over the pool with a "
+        "block mask of each row's pages (compiled on CUDA, eager on the CPU); `auto`: flex on CUDA, else gather")
+
+    def attention_path(self, device: torch.device) -> str:
+        """The paged-attention path on ``device`` (``auto`` resolved)."""
+        if self.paged_attention != "auto":
+            return self.paged_attention
+        return "flex" if device.type == "cuda" and flex_available(device) else "gather"
 
 
 @dataclass
@@ -98,13 +111,18 @@ class Scheduler:
                 (plan.finishing if g.finished else plan.continuing).append(g)
 
     def _in_flight_need(self, g: Group) -> list[tuple[np.ndarray, int]]:
-        need = [(self.step_slots[step], len(t)) for t, first in g.exits for step in range(first, self.num_steps)
+        need = [(self.step_slots[step], len(t)) for t, first in g.exits for step in self._owed_steps(first)
                 if self.writes[step] == "all"]
         if g.finished:
             need.append((self.coda, g.length))
         elif self.writes[g.step] != "none":
             need.append((self.step_slots[g.step], len(g.running())))
         return need
+
+    def _owed_steps(self, first: int) -> range:
+        """Steps whose ``writes="all"`` keys/values tokens that left at ``first`` still owe: every deeper step
+        when they exited (hierarchical routing), ``first`` alone when they skipped it (independent routing)."""
+        return range(first, self.num_steps if self.runner.hierarchical else first + 1)
 
     def _plan_admissions(self, now: float, plan: IterationPlan) -> None:
         """Next groups of running requests (decode tokens first), then new requests, under the budget."""

@@ -47,12 +47,14 @@ class Completion:
     tokens: list[int]  # generated ids (a stop token id is not included)
     text: str | None  # decoded text (with a tokenizer), cut before a stop string
     finish_reason: str  # "stop" (end of text, a stop id or string) | "length" (max_tokens or the context)
+    #                     | "abort" (``ServingEngine.abort``) | "error" (its own host-side work failed: ``error``)
     depths: list[int]  # recursion steps run by the position each generated token was sampled from
     arrival_s: float
     token_times_s: list[float]  # when each token reached the host (time.perf_counter())
     stop_reason: int | str | None = None
     logits: list[torch.Tensor] | None = None  # per token, with SamplingParams.return_logits
     preemptions: int = 0
+    error: str | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -85,6 +87,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     preemptions: int = 0
+    error: str | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,7 @@ class EngineStats:
 
     def __post_init__(self) -> None:
         self.depth_hist = np.zeros(self.num_steps + 1, dtype=np.int64)
+        self.step_runs = np.zeros(self.num_steps, dtype=np.int64)  # tokens run per step, independent routing only
         self.block_slots = [s for layers in self.step_layers for s in layers]
 
     def group_done(self, g: Group) -> None:
@@ -49,6 +50,8 @@ class EngineStats:
     def step_fractions(self) -> list[float]:
         """Share of tokens that ran each recursion step."""
         n = self.depth_hist.sum()
+        if self.step_runs.any():  # independent routing (MoD): a depth counts steps run, not the last step reached
+            return [float(min(runs / n, 1.0)) if n else 0.0 for runs in self.step_runs]
         return [float(self.depth_hist[s + 1:].sum() / n) if n else 0.0 for s in range(self.num_steps)]
 
     @property

@@ -5,7 +5,7 @@ Layout of a run directory::
     <run>/recipe.yaml            the resolved recipe
     <run>/metrics.jsonl          one JSON record per log step / evaluation
     <run>/checkpoints/step-00000100/
-        model.safetensors        weights and persistent buffers (router biases stay float32)
+        model.safetensors        weights and persistent buffers (router and MoE biases stay float32)
         train_state.pt           optimizer, RNG, data position, step counters (loaded weights_only=True)
         meta.json                step, tokens, loss, time; written last
 
@@ -151,3 +151,69 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     except Exception as exc:  # any unpickling refusal or corruption is a checkpoint problem
         raise CheckpointError(f"{path}: cannot read the training state ({type(exc).__name__}: {exc})") from None
     return weights, train_state, meta
+
+
+TRAIN_STATE_KEYS = {"optimizer": dict, "rng": dict, "step": int, "position": int, "tokens": int}
+
+
+def check_train_state(path: Path, state: Any) -> None:
+    """A training state holds the optimizer, the RNG and the step counters this trainer wrote."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the training state is a {type(state).__name__}, not this trainer's mapping")
+    missing = [k for k in TRAIN_STATE_KEYS if k not in state]
+    wrong = [k for k, kind in TRAIN_STATE_KEYS.items() if k in state and not isinstance(state[k], kind)]
+    if missing or wrong or not isinstance(state.get("rng", {}).get("torch"), torch.Tensor):
+        what = "; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
+                                       wrong and f"wrong type of {', '.join(wrong)}"])) or "no torch RNG state"
+        raise CheckpointError(f"{path}: not a training state of this trainer ({what})")
+
+
+def check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """Every loaded per-parameter optimizer tensor has its parameter's shape (load_state_dict does not check)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                    raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(p.shape)}")
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one host sync)."""
+    names = [n for n, t in state.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state[n]).all() for n in names]).tolist()
+    return [n for n, ok in zip(names, finite) if not ok]
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, tied: bool = False) -> None:
+    """A CheckpointError naming each missing, unexpected or differently-shaped tensor, before any is loaded."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} is {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = shapes + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    if problems:
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(f"{source}: weights do not fit the recipe's model: {'; '.join(problems[:5])}{more}")
+
+
+def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights ``train.init_from`` names: a model directory or checkpoint (``model.safetensors``), or a
+    run directory's latest checkpoint."""
+    path = Path(path).expanduser()
+    if (path / "model.safetensors").is_file() or path.suffix == ".safetensors":
+        return load_weights(path)
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"train.init_from: {path} holds no model.safetensors and no complete checkpoint "
+                              "(give a converted model, a checkpoint or a run directory)")
+    return load_weights(latest)

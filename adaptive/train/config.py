@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adaptive.registry import ComponentSpec
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class DataConfig(BaseModel):
@@ -32,6 +36,12 @@ class TokenizerConfig(BaseModel):
     vocab_size: int = Field(default=2048, ge=260,
         description="byte-level BPE vocabulary, trained on the training split")
     path: str | None = Field(default=None, description="a tokenizers JSON file, with kind=file")
+
+    @model_validator(mode="after")
+    def _path_with_file(self) -> "TokenizerConfig":
+        if self.kind == "file" and not self.path:
+            raise ValueError("kind=file needs tokenizer.path (a tokenizers JSON file), or use kind=bpe")
+        return self
 
 
 class DistributedConfig(BaseModel):
@@ -71,6 +81,10 @@ class TrainConfig(BaseModel):
     compile: bool = Field(default=False, description="torch.compile the model")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     out_dir: str | None = Field(default=None, description="run directory (default runs/<recipe name>-<timestamp>)")
+    init_from: str | None = Field(default=None, description="initialise the model from these weights at step 0: a "
+        "converted or uptrained model directory (`adaptive convert ... --recipe R --init ...` sets it), a "
+        "checkpoint directory, or a run directory (its latest checkpoint); every tensor must match the recipe's "
+        "model; a resumed run ignores it")
     log_every: int = Field(default=10, gt=0, description="steps between metrics.jsonl records and progress updates")
     eval_every: int = Field(default=100, gt=0,
         description="steps between validation-loss evaluations (and one at the end)")
@@ -82,3 +96,22 @@ class TrainConfig(BaseModel):
         description="also write TensorBoard events when the tensorboard package is installed")
     progress_bar: bool = Field(default=True, description="show a rich progress bar on a terminal")
     distributed: DistributedConfig = DistributedConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE.fullmatch(device):
+            raise ValueError(f"unknown device {device!r} (valid: auto, cpu, cuda, cuda:N, mps)")
+        return device
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        problems = []
+        if all(getattr(self, k) is None for k in ("steps", "tokens", "flop_budget")):
+            problems.append("set train.steps, train.tokens or train.flop_budget (the run stops at the first reached)")
+        if self.batch_size % self.grad_accum:
+            problems.append(f"train.batch_size={self.batch_size} sequences do not divide evenly into "
+                            f"train.grad_accum={self.grad_accum} micro-steps")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

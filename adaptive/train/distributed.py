@@ -10,7 +10,9 @@ model on *every* process, with the RoutingStats of that process's micro-batches.
 ``torch.distributed`` is initialized, the model/routers all-reduce whatever they aggregate from the
 stats (e.g. per-depth token loads for a loss-free balancing bias) before updating their buffers, so the
 buffers stay identical on every process; the trainer does not touch router buffers itself. Those
-buffers are persistent, so they travel in the state dict and hence in every checkpoint.
+buffers are persistent, so they travel in the state dict and hence in every checkpoint. FFNs get the
+same treatment through ``FFN.after_optimizer_step(counts)``, with the ``FFNOutput.counts`` of their own
+calls (e.g. an MoE all-reduces its tokens per expert before updating its loss-free bias).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 One optimizer step: ``grad_accum`` micro-batches per process (the global batch is ``train.batch_size``
 sequences however it is spread), forward under autocast, loss = next-token cross-entropy + the model's
 already-scaled auxiliary losses, backward, gradient clipping, the schedule's rate, AdamW, then
-``model.after_optimizer_step(stats)`` (see ``adaptive.train.distributed`` for that contract).
+``model.after_optimizer_step(stats)``: the router's and each FFN's state (see ``adaptive.train.distributed``
+for that contract).
 
 Everything that decides the numbers (weights, optimizer, RNG, data position) is in the checkpoint, so
 a resumed CPU run reproduces an uninterrupted one bit for bit.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
-import threading
+import shlex
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,14 @@ from adaptive.registry import Registry
 from adaptive.train import checkpoint as ckpt
 from adaptive.train import distributed as D
 from adaptive.train.data import Batch, TrainData, load_data, unigram_entropy
-from adaptive.train.metrics import MetricsWriter, ProgressView, StepAccumulator, is_finite, routing_summary
+from adaptive.train.metrics import (MetricsWriter, ProgressView, StepAccumulator, format_duration, is_finite,
+                                    routing_summary)
+from adaptive.train.preflight import preflight
 from adaptive.train.tokenizer import TOKENIZER_FILE, atomic_write_bytes
 from adaptive.train.rundir import prepare_run_dir
+from adaptive.train.runstate import StopSignal, rng_state, set_rng_state
 from adaptive.train.schedule import apply_lr
+from adaptive.vocab import with_resolved_vocab
 
 console = Console()
 
@@ -47,12 +52,15 @@ class RunResult:
     val_loss: float | None
     unigram_entropy: float
     interrupted: bool = False
+    stopped_by: str | None = None  # the signal (SIGINT, SIGTERM) that stopped a run after saving
 
 
 def train(recipe: Recipe, registry: Registry, resume: bool = False, recipe_path: str | None = None) -> RunResult:
     """Train the recipe's model; returns where the run is and its final numbers."""
     info = D.setup(recipe.train)
     try:
+        preflight(recipe, registry, info.device, info.world, warn=False, source=recipe_path,  # before the run dir
+                  main_process=info.is_main)
         return Trainer(recipe, registry, info, resume, recipe_path).run()
     finally:
         D.teardown(info)
@@ -70,7 +78,9 @@ def total_steps(recipe: Recipe, registry: Registry, vocab_size: int) -> tuple[in
     try:
         from adaptive.flops import count_flops
 
-        report = count_flops(recipe.model, registry, seq_len=recipe.data.seq_len, vocab_size=vocab_size)
+        with warnings.catch_warnings():  # the accountant's model repeats the warnings of the real one
+            warnings.simplefilter("ignore")
+            report = count_flops(recipe.model, registry, seq_len=recipe.data.seq_len, vocab_size=vocab_size)
         flops_per_token = report.flops_per_token_train  # at the after-training capacities (progress=None)
     except ImportError:
         if t.flop_budget is not None:
@@ -104,52 +114,28 @@ def merge_stats(all_stats: list[RoutingStats]) -> RoutingStats:
         selected_per_step=[torch.cat([s.selected_per_step[r] for s in all_stats]) for r in range(steps)],
         logits_per_step=[cat([s.logits_per_step[r] for s in all_stats]) for r in range(scored)],
         metrics=metrics,
+        ffn_counts={k: sum(s.ffn_counts[k] for s in all_stats if k in s.ffn_counts) for k in all_stats[0].ffn_counts},
     )
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns. A second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.previous = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame) -> None:
-        if self.name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
     def __init__(self, recipe: Recipe, registry: Registry, info: D.DistInfo, resume: bool, recipe_path: str | None):
+        try:  # the run dir's recipe.yaml records the vocabulary the model is built with (adaptive.vocab)
+            recipe = with_resolved_vocab(recipe)
+        except ValueError as exc:
+            raise RecipeError([str(exc)]) from None
         self.recipe, self.registry, self.info, self.cfg = recipe, registry, info, recipe.train
         if all(getattr(self.cfg, k) is None for k in ("steps", "tokens", "flop_budget")):
             raise RecipeError(["train.steps: set train.steps, train.tokens or train.flop_budget"])
-        self.run_dir, self.resume_from = prepare_run_dir(recipe, info, resume)
+        self.rundir = prepare_run_dir(recipe, info, resume)
+        self.run_dir, self.resume_from = self.rundir.path, self.rundir.resume_from
+        try:
+            self.set_up(recipe, registry, info, recipe_path)
+        except BaseException:  # refused before it started: the lock is given up, no empty run directory stays
+            self.rundir.release(refused=True)
+            raise
+
+    def set_up(self, recipe: Recipe, registry: Registry, info: D.DistInfo, recipe_path: str | None) -> None:
         self.log = ProgressView(1, 0, False, console)
         torch.manual_seed(recipe.seed)
         random.seed(recipe.seed)
@@ -159,10 +145,10 @@ class Trainer:
             atomic_write_bytes(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.tok.to_str().encode())
         self.micro = self.micro_batch_size()
         self.build_model()
-        self.total, self.flops_per_token = total_steps(recipe, registry, self.data.tokenizer.vocab_size)
+        self.total, self.flops_per_token = total_steps(recipe, registry, self.model.vocab_size)
         self.step, self.position, self.tokens, self.elapsed = 0, 0, 0, 0.0
         self.metrics = MetricsWriter(self.run_dir, info.is_main, self.cfg.tensorboard)
-        self.acc = StepAccumulator()
+        self.acc = StepAccumulator(self.model.plan.num_steps)
         self.last_loss: float | None = None
         self.val_loss: float | None = None
         rows = self.data.validation_rows(self.cfg.eval_batches * self.cfg.batch_size, info.world)
@@ -182,7 +168,14 @@ class Trainer:
     def build_model(self) -> None:
         from adaptive.model import build_model
 
-        model = build_model(self.recipe.model, self.registry, vocab_size=self.data.tokenizer.vocab_size)
+        if self.data.tokenizer.vocab_size > self.recipe.model.vocab_size:
+            raise RecipeError([f"model.vocab_size: {self.recipe.model.vocab_size} is smaller than the tokenizer's "
+                               f"{self.data.tokenizer.vocab_size} tokens"])
+        model = build_model(self.recipe.model, self.registry, vocab_size=self.recipe.model.vocab_size)
+        if self.cfg.init_from is not None and self.resume_from is None:
+            initial = ckpt.initial_weights(self.cfg.init_from)
+            ckpt.check_fit(model, initial, f"train.init_from: {self.cfg.init_from}", tied=self.recipe.model.tie_embeddings)
+            model.load_state_dict(initial, strict=False)
         self.model = model.to(self.info.device)
         wrapped = self.model
         if self.cfg.compile and self.info.strategy != "fsdp2":
@@ -208,17 +201,26 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         weights, state, meta = ckpt.load_checkpoint(path)
+        ckpt.check_train_state(path, state)
         try:
             D.load_model_state(self.wrapped, weights, self.info)
         except RuntimeError as exc:
-            raise ckpt.CheckpointError(f"{path}: the weights do not fit this recipe's model ({exc}); "
-                                       "the model section must match the run being resumed") from None
-        D.load_optimizer_state(self.wrapped, self.optimizer, state["optimizer"], self.info)
-        set_rng_state(state["rng"])
+            raise ckpt.CheckpointError(f"{path}: the weights do not fit this recipe's model "
+                                       f"({ckpt.one_line(exc)}); the model section must match the run being "
+                                       "resumed") from None
+        try:
+            D.load_optimizer_state(self.wrapped, self.optimizer, state["optimizer"], self.info)
+            ckpt.check_optimizer_shapes(self.optimizer)
+            set_rng_state(state["rng"])
+        except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"{path}: the training state does not fit this run's model and optimizer "
+                                       f"({ckpt.one_line(exc)})") from None
         self.step, self.position, self.tokens = int(state["step"]), int(state["position"]), int(state["tokens"])
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.last_loss, self.val_loss = meta.get("loss"), meta.get("val_loss")
         self.metrics.truncate_after(self.step)
-        self.metrics.write({"event": "resume", "step": self.step, "checkpoint": str(path)})
+        if self.step < self.total:  # a finished run gets no resume (nor a second end) record
+            self.metrics.write({"event": "resume", "step": self.step, "checkpoint": str(path)})
 
     def save(self) -> Path | None:
         self.flush_train()  # checks the loss is finite before anything is written
@@ -226,6 +228,7 @@ class Trainer:
         optim = D.optimizer_state(self.wrapped, self.optimizer, self.info)
         path = None
         if self.info.is_main:
+            self.check_finite_weights(weights)
             state = {"optimizer": optim, "rng": rng_state(), "step": self.step, "position": self.position,
                      "tokens": self.tokens, "elapsed": self.elapsed}
             meta = {"tokens": self.tokens, "loss": self.last_loss, "val_loss": self.val_loss, "time": time.time()}
@@ -265,7 +268,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         merged = merge_stats(stats)
-        self.model.after_optimizer_step(merged)
+        self.model.after_optimizer_step(merged)  # the router's and each FFN's state (an MoE's loss-free bias)
         self.acc.add_step(ce_total, norm)
         self.acc.add_stats(merged)
         self.acc.tokens += cfg.batch_size * self.recipe.data.seq_len
@@ -314,12 +317,22 @@ class Trainer:
                             f"the last good checkpoint is {last or 'none'}. Lower train.lr, keep train.grad_clip set, "
                             "or try train.dtype=float32.")
 
+    def check_finite_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Never save (nor call good) weights that hold a NaN or an infinity; one host sync per save."""
+        bad = ckpt.nonfinite_tensors(weights)
+        if bad:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingError(f"training stopped: the weights became non-finite by step {self.step} (in "
+                                f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). Nothing was saved; the last "
+                                f"good checkpoint is {last or 'none'}. Lower train.lr, keep train.grad_clip set, "
+                                "or try train.dtype=float32.")
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation cross-entropy over the fixed validation rows, eval mode (causal routing)."""
         self.flush_train()
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        depth = StepAccumulator()
+        depth = StepAccumulator(self.model.plan.num_steps)
         model = D.unwrap(self.wrapped)  # no DDP buffer broadcast: processes may run different routing
         model.eval()
         with D.gathered(self.wrapped, self.info):
@@ -353,16 +366,19 @@ class Trainer:
                             "val_unigram_entropy": self.entropy})
 
     def run(self) -> RunResult:
-        if self.resume_from is not None:
-            self.restore(self.resume_from)
-        else:
-            self.start_records()
-        self.log = ProgressView(self.total, self.step, self.info.is_main, console, bar=self.cfg.progress_bar)
-        self.log.note(f"run dir: {self.run_dir}\ndata: {self.data.description}; "
-                      f"validation unigram entropy {self.entropy:.4f} nats/token")
-        if self.resume_from is not None:
-            self.log.note(f"resumed from {self.resume_from} at step {self.step}")
         try:
+            if self.resume_from is not None:
+                self.restore(self.resume_from)
+            else:
+                self.start_records()
+            if self.step >= self.total:
+                return self.already_finished()
+            self.log = ProgressView(self.total, self.step, self.info.is_main, console, bar=self.cfg.progress_bar)
+            self.log.note(f"run dir: {self.run_dir}\ndata: {self.data.description}; "
+                          f"validation unigram entropy {self.entropy:.4f} nats/token")
+            if self.resume_from is not None:
+                self.log.note(f"resumed from {self.resume_from} at step {self.step}")
+            self.started = time.perf_counter()
             try:
                 interrupted = self.loop()
             finally:
@@ -370,6 +386,14 @@ class Trainer:
             return self.finish(interrupted)
         finally:
             self.metrics.close()
+            self.rundir.release()
+
+    def already_finished(self) -> RunResult:
+        """A finished run trained again: say so, write nothing."""
+        ProgressView(self.total, self.step, self.info.is_main, console).note(
+            f"{self.run_dir} already finished: step {self.step} of {self.total}; nothing to do (raise train.steps, "
+            "train.tokens or train.flop_budget and pass --resume to train further)")
+        return RunResult(self.run_dir, self.step, self.last_loss, self.val_loss, self.entropy)
 
     def loop(self) -> str | None:
         cfg = self.cfg
@@ -403,11 +427,15 @@ class Trainer:
     def finish(self, interrupted: str | None) -> RunResult:
         self.metrics.write({"event": "end", "step": self.step, "interrupted": interrupted, "val_loss": self.val_loss,
                             "val_unigram_entropy": self.entropy, "train_seconds": self.elapsed})
+        took = format_duration(time.perf_counter() - self.started)
         if interrupted:
-            self.log.note(f"stopped by {interrupted} at step {self.step}; checkpoint saved. "
-                          f"Continue with: adaptive train <recipe> --resume train.out_dir={self.run_dir}")
+            saved = shlex.quote(str(self.run_dir / "recipe.yaml"))  # the exact recipe of this run, overrides included
+            self.log.note(f"stopped by {interrupted} at step {self.step} after {took}; checkpoint saved. "
+                          f"Continue with: adaptive train {saved} --resume "
+                          f"train.out_dir={shlex.quote(str(self.run_dir))}")
         else:
             val = "n/a" if self.val_loss is None else f"{self.val_loss:.4f}"
-            self.log.note(f"done: step {self.step}, val loss {val} (unigram entropy {self.entropy:.4f}); "
+            self.log.note(f"done: step {self.step} in {took}, val loss {val} (unigram entropy {self.entropy:.4f}); "
                           f"run dir: {self.run_dir}")
-        return RunResult(self.run_dir, self.step, self.last_loss, self.val_loss, self.entropy, interrupted is not None)
+        return RunResult(self.run_dir, self.step, self.last_loss, self.val_loss, self.entropy, interrupted is not None,
+                         stopped_by=interrupted)

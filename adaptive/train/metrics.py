@@ -3,7 +3,7 @@
 Values are accumulated as tensors on the training device and read back once per flush (one host sync
 per log interval, not per step). ``metrics.jsonl`` gets one JSON object per line: ``{"step": ..,
 "loss": .., "lr": .., ...}`` for training intervals, ``{"step": .., "val_loss": ..}`` for evaluations,
-and ``{"event": ..}`` records (start, data, resume, end). With several processes the losses, grad norm
+and ``{"event": ..}`` records (start, data, resume, end); every record has ``time`` (Unix seconds). With several processes the losses, grad norm
 and validation loss are global; auxiliary losses and routing statistics are the main process's.
 """
 
@@ -12,22 +12,26 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from adaptive.errors import CheckpointError
 from adaptive.interfaces import RoutingStats
 
 Tensor = torch.Tensor
 
 
 class StepAccumulator:
-    """Sums per-step values on device; ``flush`` turns them into floats with one sync."""
+    """Sums per-step values on device; ``flush`` turns them into floats with one sync. With ``num_steps``
+    (the recursion steps N_r), the depth histogram always has N_r + 1 entries (depths 0..N_r)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_steps: int | None = None) -> None:
+        self.num_steps = num_steps
         self.reset()
 
     def reset(self) -> None:
@@ -51,10 +55,12 @@ class StepAccumulator:
     def add_stats(self, stats: RoutingStats) -> None:
         if stats.depth_BT is not None:
             depth = stats.depth_BT.detach().reshape(-1)
-            steps = len(stats.selected_per_step)
+            steps = max(len(stats.selected_per_step), self.num_steps or 0)
             hist = torch.bincount(depth.clamp(max=steps), minlength=steps + 1).float()
-            same = self.depth_hist is not None and len(self.depth_hist) == len(hist)
-            self.depth_hist = self.depth_hist + hist if same else hist
+            if self.depth_hist is not None and len(self.depth_hist) != len(hist):  # pad the shorter, never drop
+                size = max(len(hist), len(self.depth_hist))
+                hist, self.depth_hist = (torch.nn.functional.pad(h, (0, size - len(h))) for h in (hist, self.depth_hist))
+            self.depth_hist = hist if self.depth_hist is None else self.depth_hist + hist
         for name, value in stats.metrics.items():
             self.add(name, value)
 
@@ -81,30 +87,63 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:
-                self.tb = None  # the optional `tensorboard` extra is not installed
+            except ImportError:  # the optional `tensorboard` package is not installed
+                _warn_no_tensorboard()
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (written after the checkpoint a run resumes from)."""
+        """Drop records past ``step`` (written after the checkpoint a run resumes from), and a torn last line
+        (a write cut short by a kill); a damaged line elsewhere is an error."""
         if not self.enabled or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise CheckpointError(f"{self.path}:{number}: not a JSON record; the metrics file is damaged "
+                                          "(remove that line to resume)") from None
+                warnings.warn(f"{self.path}: skipped a torn last line (a write cut short)")
+        keep = [line for line, record in records if not isinstance(record, dict) or record.get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None and "step" in record:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+_TENSORBOARD_WARNED = []
+
+
+def _warn_no_tensorboard() -> None:
+    """Once per process: train.tensorboard is on (the default) but the package is missing."""
+    if not _TENSORBOARD_WARNED:
+        _TENSORBOARD_WARNED.append(True)
+        warnings.warn("train.tensorboard is true but the tensorboard package is not installed, so no TensorBoard "
+                      "events are written (pip install tensorboard, or set train.tensorboard=false)")
+
+
+def format_duration(seconds: float) -> str:
+    """``4.2 s``, ``3 min 07 s``, ``2 h 05 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 class ProgressView:
@@ -116,9 +155,11 @@ class ProgressView:
         self.enabled = enabled
         self.lines = enabled and bar
         self.bar = None
+        self.start, self.started = start, time.perf_counter()
         if self.lines and console.is_terminal:
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=console)
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
@@ -133,7 +174,15 @@ class ProgressView:
         elif self.bar is not None:
             self.bar.update(self.task, info=info)
         elif self.lines:
-            self.console.print(f"step {record['step']}/{total}  {info}", highlight=False, soft_wrap=True)
+            self.console.print(f"step {record['step']}/{total}  {info}  {self.timing(record['step'], total)}",
+                               highlight=False, soft_wrap=True)
+
+    def timing(self, step: int, total: int) -> str:
+        """``elapsed 12.0 s, eta 1 min 30 s`` from the rate of the steps run in this invocation."""
+        elapsed = time.perf_counter() - self.started
+        done = step - self.start
+        eta = format_duration(elapsed / done * (total - step)) if done > 0 else "?"
+        return f"elapsed {format_duration(elapsed)}, eta {eta}"
 
     def note(self, text: str) -> None:
         if self.enabled:

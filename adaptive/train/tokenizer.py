@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,11 @@ def load_tokenizer(cfg: TokenizerConfig, data: DataConfig, train_docs: list[str]
     key = corpus_fingerprint([f"bpe{cfg.vocab_size}-tok{version}", *train_docs])
     path = cache_root(data) / "tokenizers" / f"bpe{cfg.vocab_size}-{key}.json"
     if path.is_file():
-        return TextTokenizer(Tokenizer.from_file(str(path)), f"cached tokenizer {path}")
+        try:
+            return TextTokenizer(Tokenizer.from_file(str(path)), f"cached tokenizer {path}")
+        except Exception as exc:  # tokenizers raises plain Exceptions; a damaged cache entry is rebuilt
+            warnings.warn(f"cached tokenizer {path} is unreadable ({' '.join(str(exc).split())[:200]}); "
+                          "training it again")
     tok = train_bpe(train_docs, cfg.vocab_size)
     atomic_write_bytes(path, tok.to_str().encode())
     return TextTokenizer(tok, f"tokenizer {path}")

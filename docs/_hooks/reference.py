@@ -2,11 +2,13 @@
 
 A page containing ``<!-- recipe-reference -->`` gets one table per recipe section (from the pydantic
 models); ``<!-- component-reference -->`` gets the components registered in the building environment,
-each with the options of its Config.
+each with the options of its Config; ``<!-- component-reference: PLUGIN -->`` gets only those one plugin
+registers (a plugin's own page).
 """
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 
@@ -15,6 +17,7 @@ from pydantic_core import PydanticUndefined
 
 RECIPE_MARKER = "<!-- recipe-reference -->"
 COMPONENT_MARKER = "<!-- component-reference -->"
+PLUGIN_MARKER = re.compile(r"<!-- component-reference: ([A-Za-z0-9_.-]+) -->")
 COMPONENT_HELP = "a registered component: `{name: ..., <its options>}` (see Components below)"
 
 
@@ -23,7 +26,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(RECIPE_MARKER, recipe_reference())
     if COMPONENT_MARKER in markdown:
         markdown = markdown.replace(COMPONENT_MARKER, component_reference())
-    return markdown
+    return PLUGIN_MARKER.sub(lambda m: component_reference(plugin=m.group(1)), markdown)
 
 
 def recipe_reference() -> str:
@@ -59,18 +62,24 @@ def _cell(text: str) -> str:
     return "`".join(parts)
 
 
-def component_reference() -> str:
+def component_reference(plugin: str | None = None) -> str:
+    """Every registered component by kind, or only ``plugin``'s (an unknown plugin fails the build)."""
     from adaptive.interfaces import KINDS
     from adaptive.plugins import get_registry
 
     registry = get_registry()
     out = []
     for kind in KINDS:
+        entries = [e for e in registry.entries(kind) if plugin is None or e.plugin == plugin]
+        if not entries:
+            continue
         out += [f"### {kind}", ""]
-        for entry in registry.entries(kind):
+        for entry in entries:
             out += [f"#### `{entry.name}`", "", f"{entry.summary} *(plugin `{entry.plugin}`)*", ""]
             options = fields_table(entry.cls.Config) if entry.cls.Config.model_fields else ["No options."]
             out += [*options, ""]
+    if not out:
+        raise ValueError(f"component-reference: no components registered by plugin {plugin!r}")
     return "\n".join(out)
 
 

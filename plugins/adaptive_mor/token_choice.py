@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field
 
-from adaptive import ComponentConfig, RouteContext, RouteDecision, Router, RoutingStats
+from adaptive import ComponentConfig, Float32Buffers, RouteContext, RouteDecision, Router, RoutingStats
 from adaptive_mor.common import HeadKind, linear_flops, make_head, masked_mean, upcast
 
 Tensor = torch.Tensor
@@ -59,7 +59,7 @@ class TokenChoiceCarry:
     gate_BT: Tensor  # alpha * p of the chosen depth
 
 
-class TokenChoiceRouter(Router):
+class TokenChoiceRouter(Float32Buffers, Router):
     """Token-choice MoR router: top-1 depth per token from H^1, causal by construction."""
 
     name = "token_choice"
@@ -75,14 +75,6 @@ class TokenChoiceRouter(Router):
             self.register_buffer("balance_bias", torch.zeros(num_steps, dtype=torch.float32))
         if config.balance_warmup_steps > 0:
             self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
-
-    def _apply(self, fn, recurse=True):
-        """Keep the balance bias in float32 whatever the model is cast to (only its device follows)."""
-        bias = self._buffers.get("balance_bias")
-        module = super()._apply(fn, recurse)
-        if bias is not None:
-            self._buffers["balance_bias"] = bias.to(device=self._buffers["balance_bias"].device, dtype=torch.float32)
-        return module
 
     # ------------------------------------------------------------------ routing
 
