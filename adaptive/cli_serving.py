@@ -211,6 +211,9 @@ def serve_cmd(
         llm = LLM.from_run(run, device=device, dtype=dtype, config=EngineConfig(max_batch=batch))
     except ValueError as exc:
         raise AdaptiveError(str(exc)) from None
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        err_console.print(f"warning: --host {settings.host} exposes the server beyond this machine without --api-key",
+                          highlight=False, soft_wrap=True)
     err_console.print(f"serving {settings.model_name} on http://{settings.host}:{settings.port} "
                       f"({llm.engine.batching})", highlight=False, soft_wrap=True)
     serve(llm, settings, log_level=log_level)

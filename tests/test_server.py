@@ -170,6 +170,17 @@ def test_a_bad_request_is_a_400_naming_the_field(llm, body, field):
         assert ok.status_code == 200  # and the server goes on serving
 
 
+def test_an_oversized_body_and_too_many_prompts_are_refused_before_any_work(llm):
+    from adaptive.serving.server import MAX_BODY_BYTES
+
+    with Running(llm, max_queued=2) as s:
+        big = httpx.post(s.url + "/v1/completions", content=b'{"prompt": "' + b"x" * (MAX_BODY_BYTES + 1) + b'"}')
+        assert big.status_code == 413 and big.json()["error"]["param"] == "body"
+        many = httpx.post(s.url + "/v1/completions", json={"prompt": ["x"] * (32 + 2 + 1)})
+        assert many.status_code == 400 and many.json()["error"]["param"] == "prompt"
+        assert s.metrics()['adaptive_requests_total{outcome="invalid"}'] == 2
+
+
 def test_an_unknown_model_is_a_404(llm):
     with Running(llm) as s:
         r = httpx.post(s.url + "/v1/completions", json={"model": "gpt-5", "prompt": "x"})

@@ -24,7 +24,7 @@ PROMPT_HELP = "a string, a list of strings, a list of token ids, or a list of li
 class APIError(Exception):
     """An error answered as OpenAI's ``{"error": {...}}`` with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
              429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None):

@@ -74,7 +74,11 @@ class Service:
             raise APIError(404, f"model: {request.model!r} is not served here (this server serves "
                            f"{self.settings.model_name!r})", "model")
         prompts, params = [], []
-        for i, prompt in enumerate(prompts_of(request)):
+        listed = prompts_of(request)
+        if len(listed) > self.capacity:
+            raise APIError(400, f"prompt: {len(listed)} prompts in one request; this server takes at most "
+                           f"{self.capacity} at once (--max-batch + --max-queued)", "prompt")
+        for i, prompt in enumerate(listed):
             try:
                 tokens = self.llm.encode(prompt)
                 p = sampling_params(request, i)
@@ -223,7 +227,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            exchange, stream, depths, with_usage = service.accept(await request.body())
+            exchange, stream, depths, with_usage = service.accept(await _body(request))
         except APIError as exc:
             service.metrics.requests["invalid" if exc.status < 429 else "rejected"] += 1
             return _error(exc)
@@ -256,6 +260,20 @@ async def _guarded(events, outcome: dict):
     except APIError as exc:
         outcome["value"] = "error"
         yield sse(exc.body())
+
+
+MAX_BODY_BYTES = 4 << 20  # far beyond any prompt that fits a context; a larger body is refused unread
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, read up to ``MAX_BODY_BYTES`` (413 past that, before it is all in memory)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"body: larger than {MAX_BODY_BYTES} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error(exc: APIError) -> JSONResponse:
