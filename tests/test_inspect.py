@@ -99,6 +99,19 @@ def test_training_curves_of_a_model_without_routing(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["loss.png"]
 
 
+def test_training_curves_skip_a_torn_last_line_and_name_a_damaged_one(tmp_path, capsys):
+    run = tmp_path / "killed"
+    run.mkdir()
+    good = '{"step": 1, "loss": 6.0}\n{"step": 2, "loss": 5.5}\n'
+    (run / "metrics.jsonl").write_text(good + '{"step": 3, "lo')  # a kill cut the last write short
+    with pytest.warns(UserWarning, match="torn last line"):
+        code, _, err = run_main(capsys, "inspect", str(run), "--training-curves", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo\n' + good)
+    code, _, err = run_main(capsys, "inspect", str(run), "--training-curves", "--out", str(tmp_path / "d"))
+    assert code == 2 and "metrics.jsonl:1: not a JSON record" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--out", "x.html"], "error: inspect: give either --text TEXT"),
     (["--text", "hi", "--training-curves", "--out", "x"], "error: inspect: give either --text TEXT"),

@@ -10,28 +10,20 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from adaptive.errors import AdaptiveError, DataError
 
 from adaptive.eval.depthmap import palette
+from adaptive.train.metrics import read_records
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl (give a run directory written by adaptive train)")
-    records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-    return records
+    return [record for _, record in read_records(path, DataError, "remove that line")]
 
 
 def training_curves(run_dir: str | Path, out_dir: str | Path) -> list[Path]:

@@ -75,6 +75,21 @@ def is_finite(values: list[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def read_records(path: Path, error: type[Exception], hint: str) -> list[tuple[str, Any]]:
+    """(line, record) for each line of a ``metrics.jsonl``. A torn last line (a write cut short by a kill) is
+    skipped with a warning; a damaged line elsewhere raises ``error`` naming it (``hint``: what to do)."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise error(f"{path}:{number}: not a JSON record; the metrics file is damaged ({hint})") from None
+            warnings.warn(f"{path}: skipped a torn last line (a write cut short)")
+    return records
+
+
 class MetricsWriter:
     """metrics.jsonl (and TensorBoard events when available) on the main process; nothing elsewhere."""
 
@@ -95,16 +110,7 @@ class MetricsWriter:
         (a write cut short by a kill); a damaged line elsewhere is an error."""
         if not self.enabled or not self.path.is_file():
             return
-        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
-        records = []
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise CheckpointError(f"{self.path}:{number}: not a JSON record; the metrics file is damaged "
-                                          "(remove that line to resume)") from None
-                warnings.warn(f"{self.path}: skipped a torn last line (a write cut short)")
+        records = read_records(self.path, CheckpointError, "remove that line to resume")
         keep = [line for line, record in records if not isinstance(record, dict) or record.get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
