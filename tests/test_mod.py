@@ -183,6 +183,23 @@ def test_serving_with_preemption_equals_decoding_alone_and_groups_skip_whole_ste
     assert skipped_whole  # a decode token skipped a whole step, and was routed again at the next
 
 
+def test_served_step_fractions_count_the_steps_each_token_ran():
+    """Under independent routing a depth counts steps run, so the per-step shares sum to the mean depth and
+    the unrouted steps run every token (what ``adaptive bench``'s FLOP bound reads), preemption or not."""
+    from adaptive.serving import EngineConfig, SamplingParams, ServingEngine
+
+    model = as_model(mod_config(layers=6), seed=3)
+    prompts = [[5, 9, 2, 7, 1, 3], [11, 3], [8] * 13, [4, 4, 6]]
+    for num_blocks in (None, 70):  # room for one request at full depth: the others are preempted
+        engine = ServingEngine(model, EngineConfig(max_batch=3, max_tokens_per_iteration=6, block_size=2,
+                                                   num_blocks=num_blocks))
+        engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+        fractions, stats = engine.stats.step_fractions, engine.stats
+        assert fractions[0::2] == [1.0] * len(fractions[0::2]) and all(f < 1 for f in fractions[1::2])
+        assert sum(fractions) == pytest.approx(stats.mean_depth)
+        assert num_blocks is None or stats.preemptions > 0
+
+
 # ---------------------------------------------------------------------------------------------- recipes
 
 

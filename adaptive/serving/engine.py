@@ -207,7 +207,7 @@ class ServingEngine:
                 if step > 0 and not f.all():
                     g.exits.append((offsets[~f], step))
                 g.depth_T[live] += 1
-                self.stats.step_runs[step] += len(live)
+                g.step_runs[step] = g.step_runs.get(step, 0) + len(live)
             if commit_step0:
                 self.step0_commits.append((g.request.row, len(live)))
             g.live, g.step = live, step

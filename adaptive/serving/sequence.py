@@ -116,6 +116,7 @@ class Group:
     exits: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (offsets, step) that exited, to fill
     finished: bool = False  # every token has left the recursion: coda, head and sampling are next
     cancelled: bool = False
+    step_runs: dict[int, int] = field(default_factory=dict)  # tokens that ran each step (independent routing)
 
     def __post_init__(self) -> None:
         self.depth_T = np.zeros(self.length, dtype=np.int64)

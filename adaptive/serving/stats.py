@@ -29,7 +29,10 @@ class EngineStats:
         self.block_slots = [s for layers in self.step_layers for s in layers]
 
     def group_done(self, g: Group) -> None:
+        """A group that completed (a preempted one never does, so recomputation is not counted twice)."""
         self.depth_hist += np.bincount(g.depth_T, minlength=self.num_steps + 1)
+        for step, runs in g.step_runs.items():
+            self.step_runs[step] += runs
 
     def iteration(self, blocks: BlockManager, preempted: int) -> None:
         self.iterations += 1
