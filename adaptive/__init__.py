@@ -5,7 +5,7 @@ The public API for plugin authors: ``hookimpl``, the interface base classes and 
 
 from adaptive.errors import AdaptiveError, DataError, PluginError, RecipeError, UnknownComponentError
 from adaptive.hookspecs import hookimpl
-from adaptive.model.block import fused_weight
+from adaptive.model.block import fused_projections, fused_weight
 from adaptive.model.layers import Float32Buffers
 from adaptive.interfaces import (
     FFN,
@@ -31,5 +31,5 @@ __all__ = [
     "FFN", "AdaptiveError", "AttentionBackend", "Component", "ComponentConfig", "DataError", "DataSource",
     "DepthPlan", "DepthScheduler", "FFNOutput", "Float32Buffers", "KVPolicy", "ModelOutput", "PluginError", "RecipeError",
     "RouteContext", "RouteDecision", "Router", "RoutingStats", "SharingScheme", "UnknownComponentError",
-    "fused_weight", "hookimpl", "__version__",
+    "fused_projections", "fused_weight", "hookimpl", "__version__",
 ]

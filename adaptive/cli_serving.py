@@ -120,6 +120,8 @@ def bench_cmd(
     block_size: int = typer.Option(16, "--block-size", min=1, help="entries per KV block"),
     paged_attention: str = typer.Option("auto", "--paged-attention", help="auto (flex on CUDA, else gather), gather "
                                         "(copy each row's blocks, then attend), flex (FlexAttention in place over the pool)"),
+    compile_: bool = typer.Option(False, "--compile", help="run the decode calls as graphs compiled by torch.compile "
+                                  "(CUDA graphs on CUDA; EngineConfig.compile); graphs are built before the timed runs"),
     stop_at_eos: bool = typer.Option(False, "--stop-at-eos", help="end a request at the end-of-text token (the two "
                                      "sides then generate different lengths)"),
     prompt_source: str = typer.Option("auto", "--prompt-source", help="auto (corpus for a trained run, else random), corpus, random"),
@@ -137,7 +139,7 @@ def bench_cmd(
     if paged_attention not in ("auto", "gather", "flex"):
         raise AdaptiveError(f"--paged-attention {paged_attention!r} is not one of auto, gather, flex")
     opts = BenchOptions(num_prompts, prompt_len, max_new_tokens, rate, batch, block_size, repeats, seed, stop_at_eos,
-                        prompt_source, paged_attention=paged_attention)
+                        prompt_source, paged_attention=paged_attention, compile=compile_)
     try:
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
@@ -194,6 +196,8 @@ def serve_cmd(
                                           help="require `Authorization: Bearer KEY` (all endpoints but /health)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="the name clients pass as `model` "
                                              "(default: the run directory's name)"),
+    compile_: bool = typer.Option(False, "--compile", help="run the decode calls as graphs compiled by torch.compile "
+                                  "(CUDA graphs on CUDA; EngineConfig.compile); the first requests build them"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug"),
 ) -> None:
     """Serve a trained model over an OpenAI-compatible HTTP API (POST /v1/completions, GET /v1/models,
@@ -208,7 +212,7 @@ def serve_cmd(
     try:
         settings = ServerSettings(host=host_, port=port, model_name=model_name or Path(run).resolve().name,
                                   max_queued=max_queued, drain_timeout=drain_timeout, api_key=api_key)
-        llm = LLM.from_run(run, device=device, dtype=dtype, config=EngineConfig(max_batch=batch))
+        llm = LLM.from_run(run, device=device, dtype=dtype, config=EngineConfig(max_batch=batch, compile=compile_))
     except ValueError as exc:
         raise AdaptiveError(str(exc)) from None
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:

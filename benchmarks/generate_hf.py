@@ -7,6 +7,7 @@ Repetitions are interleaved (HF, ours, HF, ours, ...); the median and the spread
 with the share of requests whose greedy tokens agree (float rounding may flip a near-tie).
 
     python benchmarks/generate_hf.py                      # tiny shape, batch 32, 64 + 128 tokens, CPU
+    python benchmarks/generate_hf.py --compile            # and ours with compiled decode graphs
     python benchmarks/generate_hf.py --preset smollm-360m --batch 256 --prompt-len 128 --new-tokens 256 \\
         --device cuda --dtype bfloat16
 """
@@ -52,11 +53,13 @@ def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, list[
     return elapsed, out[:, prompts.shape[1]:].tolist()
 
 
-def time_ours(model, prompts: torch.Tensor, new_tokens: int, block_size: int) -> tuple[float, list[list[int]]]:
+def time_ours(model, prompts: torch.Tensor, new_tokens: int, block_size: int, compile: bool = False
+              ) -> tuple[float, list[list[int]]]:
     from adaptive.serving import EngineConfig, SamplingParams, ServingEngine
 
     B, P = prompts.shape
-    config = EngineConfig(max_batch=B, max_len=P + new_tokens, block_size=block_size, max_tokens_per_iteration=B * P)
+    config = EngineConfig(max_batch=B, max_len=P + new_tokens, block_size=block_size, max_tokens_per_iteration=B * P,
+                          compile=compile)
     engine = ServingEngine(model, config)
     start = time.perf_counter()
     done = engine.generate(prompts.tolist(), SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
@@ -89,6 +92,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add a third side: ours with EngineConfig.compile "
+                        "(decode calls as compiled graphs; built in an untimed run of the whole workload)")
     parser.add_argument("--profile", action="store_true", help="after the timed runs, profile one run of each side "
                         "and print where its CPU time goes (torch.profiler, top operators)")
     args = parser.parse_args()
@@ -103,37 +108,46 @@ def main() -> None:
     vocab = hf.config.vocab_size
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(1, vocab, (args.batch, args.prompt_len), generator=g).to(args.device)
+    sides = {"hf": lambda: time_hf(hf, prompts, args.new_tokens),
+             "ours": lambda: time_ours(ours, prompts, args.new_tokens, args.block_size)}
+    if args.compile:
+        sides["ours_compiled"] = lambda: time_ours(ours, prompts, args.new_tokens, args.block_size, compile=True)
+        sides["ours_compiled"]()  # builds the graphs of every batch size and length: untimed
     time_hf(hf, prompts[:2, :8], 4), time_ours(ours, prompts[:2, :8], 4, args.block_size)  # warm-up, untimed
-    runs = {"hf": [], "ours": []}
+    runs: dict[str, list[float]] = {name: [] for name in sides}
     outputs = {}
     for rep in range(args.repeats):
-        for name, fn in (("hf", lambda: time_hf(hf, prompts, args.new_tokens)),
-                         ("ours", lambda: time_ours(ours, prompts, args.new_tokens, args.block_size))):
+        for name, fn in sides.items():  # interleaved: HF, ours, (ours compiled,) HF, ...
             elapsed, outputs[name] = fn()
             runs[name].append(args.batch * args.new_tokens / elapsed)
             if not args.json:
-                print(f"repeat {rep + 1}/{args.repeats} {name:4s} {runs[name][-1]:10.1f} tokens/s")
-    ratios = [a / b for a, b in zip(runs["ours"], runs["hf"])]
-    agree = sum(a == b for a, b in zip(outputs["hf"], outputs["ours"])) / args.batch
+                print(f"repeat {rep + 1}/{args.repeats} {name:13s} {runs[name][-1]:10.1f} tokens/s")
     report = {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "hf_tokens_per_s": statistics.median(runs["hf"]), "ours_tokens_per_s": statistics.median(runs["ours"]),
-              "hf_spread": [min(runs["hf"]), max(runs["hf"])], "ours_spread": [min(runs["ours"]), max(runs["ours"])],
-              "speedup": statistics.median(ratios), "speedup_spread": [min(ratios), max(ratios)],
-              "greedy_agreement": agree}
+              "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()}
+    for name in sides:
+        ratios = [a / b for a, b in zip(runs[name], runs["hf"])]
+        report[f"{name}_tokens_per_s"] = statistics.median(runs[name])
+        report[f"{name}_spread"] = [min(runs[name]), max(runs[name])]
+        if name != "hf":
+            prefix = "" if name == "ours" else "compiled_"
+            report[f"{prefix}speedup"] = statistics.median(ratios)
+            report[f"{prefix}speedup_spread"] = [min(ratios), max(ratios)]
+            report[f"{prefix}greedy_agreement"] = sum(a == b for a, b in zip(outputs["hf"], outputs[name])) / args.batch
     if args.profile:
-        report["profile_ms"] = {name: profile_ops(fn) for name, fn in (
-            ("hf", lambda: time_hf(hf, prompts, args.new_tokens)),
-            ("ours", lambda: time_ours(ours, prompts, args.new_tokens, args.block_size)))}
+        report["profile_ms"] = {name: profile_ops(fn) for name, fn in sides.items()}
     if args.json:
         print(json.dumps(report, indent=2))
         return
     for name, ops in report.get("profile_ms", {}).items():
         print(f"{name}: " + ", ".join(f"{op} {ms:.0f} ms" for op, ms in ops.items()))
-    print(f"HF generate (static cache) {report['hf_tokens_per_s']:,.1f} tokens/s, ours {report['ours_tokens_per_s']:,.1f}"
-          f" tokens/s: {report['speedup']:.2f}x (spread {min(ratios):.2f}-{max(ratios):.2f}); "
-          f"greedy outputs agree for {agree:.0%} of requests")
-
+    for name in sides:
+        if name == "hf":
+            continue
+        prefix = "" if name == "ours" else "compiled_"
+        lo, hi = report[f"{prefix}speedup_spread"]
+        print(f"HF generate (static cache) {report['hf_tokens_per_s']:,.1f} tokens/s, {name} "
+              f"{report[f'{name}_tokens_per_s']:,.1f} tokens/s: {report[f'{prefix}speedup']:.2f}x (spread {lo:.2f}-"
+              f"{hi:.2f}); greedy outputs agree for {report[f'{prefix}greedy_agreement']:.0%} of requests")
 
 if __name__ == "__main__":
     main()

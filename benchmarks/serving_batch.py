@@ -6,7 +6,7 @@ prelude for the tokens entering, one call of the shared block (every item at its
 for the tokens leaving, so each generated token takes about its depth in iterations. Per-call costs that
 do not shrink with the batch (op dispatch, the KV gather) therefore weigh on MoR at small batches.
 
-    python benchmarks/serving_batch.py RUN [--batches 1,8,32,128] [--new-tokens 64] [--threads N]
+    python benchmarks/serving_batch.py RUN [--batches 1,8,32,128] [--new-tokens 64] [--threads N] [--compile off|on|both]
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import statistics
 import torch
 
 from adaptive.plugins import get_registry
-from adaptive.serving.bench import BenchOptions, load_target, make_workload, run_once, vanilla_counterpart
+from adaptive.serving.bench import (
+    BenchOptions,
+    load_target,
+    make_workload,
+    run_once,
+    vanilla_counterpart,
+    warm_up_workload,
+)
 
 
 def main() -> None:
@@ -31,6 +38,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--paged-attention", default="auto", choices=["auto", "gather", "flex"])
+    parser.add_argument("--compile", default="off", choices=["off", "on", "both"],
+                        help="EngineConfig.compile (decode calls as compiled graphs); both: eager and compiled sides, "
+                        "interleaved")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,25 +52,30 @@ def main() -> None:
 
     vanilla = build_model(vanilla_counterpart(model.config, model.plan.num_logical), registry, model.vocab_size)
     vanilla = vanilla.to(device=device, dtype=dtype).eval()
-    print(f"{device} {args.dtype}, threads {torch.get_num_threads()}, paged attention {args.paged_attention}; "
-          f"prompts {args.prompt_len} tokens, {args.new_tokens} new tokens each")
-    print(f"{'batch':>5} {'side':8} {'ms/iter':>8} {'iter/token':>10} {'tokens/s':>9} {'vs vanilla':>10}")
+    print(f"{device} {args.dtype}, threads {torch.get_num_threads()}, paged attention {args.paged_attention}, "
+          f"compile {args.compile}; prompts {args.prompt_len} tokens, {args.new_tokens} new tokens each")
+    print(f"{'batch':>5} {'side':17} {'ms/iter':>8} {'iter/token':>10} {'tokens/s':>9} {'spread':>15} {'vs vanilla':>10}")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    sides = [(f"{name}{' compiled' if c else ''}", m, c) for name, m in (("model", model), ("vanilla", vanilla))
+             for c in modes]
     for batch in [int(b) for b in args.batches.split(",")]:
-        opts = BenchOptions(num_prompts=batch, prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, batch=batch,
-                            paged_attention=args.paged_attention)
-        work = make_workload(opts, model.vocab_size, corpus)
-        runs = {"model": [], "vanilla": []}
-        for name, m in (("model", model), ("vanilla", vanilla)):
-            run_once(m, make_workload(BenchOptions(num_prompts=2, max_new_tokens="4"), model.vocab_size, corpus), opts, None)
-        for _ in range(args.repeats):
-            for name, m in (("model", model), ("vanilla", vanilla)):
-                runs[name].append(run_once(m, work, opts, None))
-        medians = {name: statistics.median(r.tokens / r.wall_s for r in rs) for name, rs in runs.items()}
+        options = {c: BenchOptions(num_prompts=batch, prompt_len=args.prompt_len, max_new_tokens=args.new_tokens,
+                                   batch=batch, paged_attention=args.paged_attention, compile=c) for c in modes}
+        work = make_workload(options[modes[0]], model.vocab_size, corpus)
+        runs: dict[str, list] = {name: [] for name, _, _ in sides}
+        for name, m, c in sides:
+            run_once(m, warm_up_workload(work, options[c]), options[c], None)
+        for _ in range(args.repeats):  # interleaved: A B C D A B C D ...
+            for name, m, c in sides:
+                runs[name].append(run_once(m, work, options[c], None))
+        rates = {name: [r.tokens / r.wall_s for r in rs] for name, rs in runs.items()}
+        medians = {name: statistics.median(v) for name, v in rates.items()}
+        base = medians.get("vanilla", medians.get("vanilla compiled"))
         for name, rs in runs.items():
             r = sorted(rs, key=lambda r: r.tokens / r.wall_s)[len(rs) // 2]
-            print(f"{batch:>5} {name:8} {r.wall_s / r.iterations * 1e3:8.2f} {r.iterations * batch / r.tokens:10.2f} "
-                  f"{medians[name]:9.1f} {medians[name] / medians['vanilla']:9.2f}x")
-
+            spread = f"{min(rates[name]):.0f}-{max(rates[name]):.0f}"
+            print(f"{batch:>5} {name:17} {r.wall_s / r.iterations * 1e3:8.2f} {r.iterations * batch / r.tokens:10.2f} "
+                  f"{medians[name]:9.1f} {spread:>15} {medians[name] / base:9.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -41,6 +41,7 @@ class BenchOptions:
     prompt_source: str = "auto"  # auto | corpus | random
     max_tokens_per_iteration: int = 512
     paged_attention: str = "auto"  # EngineConfig.paged_attention: auto | gather | flex
+    compile: bool = False  # EngineConfig.compile: decode calls as compiled graphs (CUDA graphs on CUDA)
 
 
 @dataclass
@@ -116,7 +117,8 @@ def vanilla_counterpart(cfg: ModelConfig, num_logical: int) -> ModelConfig:
 def run_once(model: AdaptiveLM, work: Workload, opts: BenchOptions, eos_id: int | None) -> RunResult:
     max_len = max(len(p) + n for p, n in zip(work.prompts, work.new_tokens))
     config = EngineConfig(max_batch=opts.batch, block_size=opts.block_size, max_len=max_len,
-                          max_tokens_per_iteration=opts.max_tokens_per_iteration, paged_attention=opts.paged_attention)
+                          max_tokens_per_iteration=opts.max_tokens_per_iteration, paged_attention=opts.paged_attention,
+                          compile=opts.compile)
     engine = ServingEngine(model, config, eos_id=eos_id)
     start = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=not opts.stop_at_eos),
@@ -161,6 +163,16 @@ def flop_bound(model: AdaptiveLM, baseline: AdaptiveLM, fractions: list[float], 
     return theirs.flops_per_token_forward / ours.flops_per_token_forward
 
 
+def warm_up_workload(work: Workload, opts: BenchOptions) -> Workload:
+    """Two short requests; with ``compile``, a full batch of the workload's longest, so that the graphs of
+    every batch-size bucket and every sequence length are built before the timed runs."""
+    if not opts.compile:
+        return Workload(work.prompts[:2], [4, 4], [0.0, 0.0])
+    longest = sorted(range(len(work.prompts)), key=lambda i: -len(work.prompts[i]) - work.new_tokens[i])
+    n = min(opts.batch, len(longest))
+    return Workload([work.prompts[i] for i in longest[:n]], [work.new_tokens[i] for i in longest[:n]], [0.0] * n)
+
+
 def bench(model: AdaptiveLM, opts: BenchOptions, registry: Registry, *, corpus: np.ndarray | None = None,
           eos_id: int | None = None, baseline: AdaptiveLM | None = None, log=print) -> dict:
     """Run the workload on ``model`` and its vanilla counterpart, interleaved; return the report."""
@@ -172,8 +184,8 @@ def bench(model: AdaptiveLM, opts: BenchOptions, registry: Registry, *, corpus: 
     model.eval(), baseline.eval()
     work = make_workload(opts, model.vocab_size, corpus)
     sides = [Side("model", model), Side("vanilla", baseline)]
-    warm = Workload(work.prompts[:2], [4, 4], [0.0, 0.0])
-    for side in sides:  # first calls allocate and (on a GPU) pick kernels: not timed
+    warm = warm_up_workload(work, opts)
+    for side in sides:  # first calls allocate, (on a GPU) pick kernels and (compile) build graphs: not timed
         run_once(side.model, warm, opts, eos_id)
     for rep in range(opts.repeats):
         for side in sides:
@@ -192,6 +204,7 @@ def bench(model: AdaptiveLM, opts: BenchOptions, registry: Registry, *, corpus: 
             "workload": {"num_prompts": opts.num_prompts, "prompt_len": opts.prompt_len,
                          "max_new_tokens": opts.max_new_tokens, "rate": opts.rate, "batch": opts.batch,
                          "repeats": opts.repeats, "prompt_source": "corpus" if corpus is not None else "random",
+                         "compile": opts.compile,
                          "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                          "threads": torch.get_num_threads()},
             "batching": batching_mode(model)}

@@ -21,6 +21,7 @@ import torch
 
 from adaptive.model.transformer import AdaptiveLM
 from adaptive.serving.block_manager import BlockManager
+from adaptive.serving.compiled import DecodeGraphs
 from adaptive.serving.kv_pool import KVPool
 from adaptive.serving.model_runner import ModelRunner
 from adaptive.serving.sampling import SamplingParams, draw_seed
@@ -55,8 +56,10 @@ class ServingEngine:
         self.pool = KVPool(num_blocks, bs, mc.num_kv_heads, mc.head_dim, dtype, device)
         arena = config.max_batch + config.max_tokens_per_iteration * (plan.num_steps + 1)
         self.attention_path = config.attention_path(device)
+        graphs = DecodeGraphs(model.engine, self.pool, config.max_batch, self.blocks.max_blocks, self.max_len) \
+            if config.compile else None
         self.runner = ModelRunner(model, self.blocks, self.pool, config.max_batch, arena, self.attention_path,
-                                  chosen=config.paged_attention == "flex")
+                                  chosen=config.paged_attention == "flex", graphs=graphs)
         r = self.runner
         self.scheduler = Scheduler(config, self.blocks, r, plan.num_steps, [list(l) for l in model.engine.step_layers],
                                    r.prelude, r.coda, r.writes)

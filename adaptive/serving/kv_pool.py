@@ -46,6 +46,14 @@ class KVPool:
         self.cols = torch.full((num_blocks + 1, block_size), -1, dtype=torch.long, device=device)
         self.trash_entry = num_blocks * block_size  # first entry of the trash block
 
+    @classmethod
+    def over(cls, kv: Tensor, cols: Tensor) -> "KVPool":
+        """A pool over existing tensors (inside a compiled graph, which takes them as inputs)."""
+        pool = cls.__new__(cls)
+        pool.kv, pool.cols, pool.block_size = kv, cols, kv.shape[1]
+        pool.trash_entry = (kv.shape[0] - 1) * kv.shape[1]
+        return pool
+
     @property
     def bytes_per_entry(self) -> int:
         return self.kv[0, 0].numel() * self.kv.element_size()
@@ -123,6 +131,18 @@ class PagedCall(TokenKV):
             self.seq_R = self._t(rows.seq_R)
             self.x_of_RJS = self._t(slot_positions(rows.read_slot_RJX, tables.shape[1]))
 
+    @classmethod
+    def of_tensors(cls, pool: KVPool, backend: AttentionBackend, flat_NJ: Tensor, rtable_NJXB: Tensor,
+                   read_len_NJX: Tensor, col_N: Tensor, span: int, same_mask: bool) -> "PagedCall":
+        """A call of one-token rows, in order, from its device tensors alone (no host tables): the form a
+        compiled decode graph builds inside the graph (``compiled.DecodeGraphs``)."""
+        call = cls.__new__(cls)
+        call.pool, call.backend, call.owners, call.device = pool, backend, None, col_N.device
+        call.span, call.same_mask, call.N, call.col_N = span, same_mask, col_N.shape[0], col_N
+        call.flat_NJ, call.rtable_RJXB, call.read_len_RJX = flat_NJ, rtable_NJXB, read_len_NJX
+        call.batches = [AttentionBatch(None, None, None, None, True)]
+        return call
+
     def _t(self, array: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
@@ -180,10 +200,11 @@ class PagedCall(TokenKV):
 
     def write(self, j: int, k_GNE: Tensor, v_GNE: Tensor) -> None:
         flat_N = self.flat_NJ[:, j]
-        entries = self.pool.kv.view(-1, *self.pool.kv.shape[2:])  # (entries, 2, G, E)
-        entries[:, 0].index_copy_(0, flat_N, k_GNE.transpose(0, 1).to(entries.dtype))
-        entries[:, 1].index_copy_(0, flat_N, v_GNE.transpose(0, 1).to(entries.dtype))
-        self.pool.cols.view(-1).index_copy_(0, flat_N, self.col_N)
+        kv, bs = self.pool.kv, self.pool.block_size
+        # indexed by (block, offset) on the pool itself, not on a view of it: a compiled graph writes in place
+        where = (flat_N // bs, flat_N % bs)
+        kv.index_put_(where, torch.stack([k_GNE, v_GNE], 1).transpose(0, 2).to(kv.dtype))  # (N, 2, G, E)
+        self.pool.cols.index_put_(where, self.col_N)
 
     def attend_rows(self, j: int, batch: AttentionBatch, q_HNE: Tensor) -> Tensor:
         """Attention output (H, tokens of the batch, E)."""
@@ -223,7 +244,7 @@ class PagedCall(TokenKV):
         """(R, K, S): an entry is visible to a query iff it is stored, not later than the query's column, and
         not shadowed by an earlier-listed slot at the same column."""
         bs = self.pool.block_size
-        R = batch.rows_R.shape[0]
+        R = blocks.shape[0] // (X * B)
         key_col_RS = self.pool.cols.index_select(0, blocks).view(R, X * B * bs)
         read_len_RX = self.read_len_RJX[:, j] if batch.in_order else self.read_len_RJX[:, j].index_select(0, batch.rows_R)
         entry_S = torch.arange(B * bs, device=blocks.device).repeat(X)

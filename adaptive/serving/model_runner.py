@@ -26,6 +26,7 @@ import torch
 
 from adaptive.model.transformer import AdaptiveLM
 from adaptive.serving.block_manager import BlockManager
+from adaptive.serving.compiled import DecodeGraphs
 from adaptive.serving.kv_pool import CallRows, KVPool, PagedCall
 from adaptive.serving.paged_flex import PageOwners
 from adaptive.serving.sampling import SamplingBatch, sample
@@ -36,7 +37,7 @@ Tensor = torch.Tensor
 
 class ModelRunner:
     def __init__(self, model: AdaptiveLM, blocks: BlockManager, pool: KVPool, max_rows: int, arena_size: int,
-                 attention_path: str = "gather", chosen: bool = False):
+                 attention_path: str = "gather", chosen: bool = False, graphs: DecodeGraphs | None = None):
         self.model, self.engine, self.plan = model, model.engine, model.plan
         self.blocks, self.pool = blocks, pool
         self.owners = PageOwners(blocks, pool.kv.device, chosen) if attention_path == "flex" else None
@@ -53,6 +54,10 @@ class ModelRunner:
         self.capacities = engine.inference_capacities()
         self.hierarchical = engine.router.hierarchical
         self.step_groups, _ = engine.shared_step_groups()
+        # the layers that name each step's call: the first step of its shared group (same weights), so the
+        # steps of one group share compiled graphs
+        self.call_layers = {s: tuple(engine.step_layers[steps[0]]) for steps in self.step_groups for s in steps}
+        self.graphs = graphs
         self.max_reads = max([len(engine.kv_policy.reads(s)) for s in range(plan.num_steps)] + [1])
         self._tables: dict[tuple, np.ndarray] = {}
         D = model.config.d_model
@@ -128,10 +133,17 @@ class ModelRunner:
                           None, col_N, int(cols.max()))
         return call, cos, sin
 
+    def _run_tokens(self, layers: tuple[int, ...], x_ND: Tensor, cos: Tensor, sin: Tensor, call: PagedCall,
+                    frozen_ND: Tensor | None = None, frozen_N: Tensor | None = None) -> Tensor:
+        """The engine's ``run_tokens``; a decode call goes through its compiled graph when there is one."""
+        if self.graphs is not None and self.graphs.eligible(call, frozen_ND):
+            return self.graphs.run(layers, x_ND, cos, sin, call)
+        return self.engine.run_tokens(layers, x_ND, cos, sin, call, frozen_ND=frozen_ND, frozen_N=frozen_N)
+
     def run_segment(self, layers: tuple[int, ...], rows: list[tuple[Group, np.ndarray]], x_ND: Tensor) -> Tensor:
         """Prelude or coda layers: every token writes and reads its own layer's slot."""
         call, cos, sin = self._own_slot_call(layers, rows)
-        out_ND = self.engine.run_tokens(layers, x_ND, cos, sin, call)
+        out_ND = self._run_tokens(layers, x_ND, cos, sin, call)
         self._commit(rows, [layers] * len(rows))
         return out_ND
 
@@ -267,8 +279,8 @@ class ModelRunner:
                        for g, w in zip(groups, writes)]
         call = self._call(rows, write_slots, [self.read_slots[g.step] for g in groups], may_write_N, decided_N, col_N,
                           int(cols.max()))
-        out_ND = self.engine.run_tokens(tuple(step_layers[groups[0].step]), x_ND, cos, sin, call,
-                                        frozen_ND=x_ND if frozen else None, frozen_N=~sel_N if frozen else None)
+        out_ND = self._run_tokens(self.call_layers[groups[0].step], x_ND, cos, sin, call,
+                                  frozen_ND=x_ND if frozen else None, frozen_N=~sel_N if frozen else None)
         self._commit([r for r, g in zip(rows, groups) if g.live is not None or self.writes[g.step] == "all"],
                      [s for s, g in zip(write_slots, groups) if g.live is not None or self.writes[g.step] == "all"])
         new_parts, start = [], 0

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adaptive.serving.block_manager import BlockManager, OutOfBlocks
 from adaptive.serving.paged_flex import flex_available
@@ -43,13 +43,24 @@ class EngineConfig(BaseModel):
     paged_attention: Literal["auto", "gather", "flex"] = Field(
         default="auto", description="how attention reads the pages: `gather` copies each row's blocks out of the "
         "pool, then calls the model's attention backend; `flex` runs FlexAttention in place over the pool with a "
-        "block mask of each row's pages (compiled on CUDA, eager on the CPU); `auto`: flex on CUDA, else gather")
+        "block mask of each row's pages (compiled on CUDA, eager on the CPU); `auto`: flex on CUDA unless "
+        "`compile` is set, else gather")
+    compile: bool = Field(default=False, description="run the decode calls (one token per row: the shared block, "
+                          "prelude and coda) as graphs compiled by `torch.compile`, padded to bucketed batch "
+                          "sizes; CUDA graphs on CUDA. Needs the gather attention path")
+
+    @model_validator(mode="after")
+    def _compile_needs_gather(self) -> "EngineConfig":
+        if self.compile and self.paged_attention == "flex":
+            raise ValueError("compile: the compiled decode graphs read the pages through the gather path; "
+                             "set paged_attention to 'gather' or 'auto', or compile to false")
+        return self
 
     def attention_path(self, device: torch.device) -> str:
         """The paged-attention path on ``device`` (``auto`` resolved)."""
         if self.paged_attention != "auto":
             return self.paged_attention
-        return "flex" if device.type == "cuda" and flex_available(device) else "gather"
+        return "flex" if device.type == "cuda" and not self.compile and flex_available(device) else "gather"
 
 
 @dataclass

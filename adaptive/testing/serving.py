@@ -38,6 +38,7 @@ class Schedule:
     block_size: int = 4
     num_blocks: int | None = None
     paged_attention: str = "auto"  # EngineConfig.paged_attention: gather, or flex (in place over the pool)
+    compile: bool = False  # EngineConfig.compile: decode calls through compiled graphs
 
 
 @torch.no_grad()
@@ -74,7 +75,8 @@ def check_serving_consistency(model_or_config: ModelLike, *, prompts: list[list[
     arrivals = schedule.arrivals or [0] * len(prompts)
     config = EngineConfig(max_batch=schedule.max_batch, max_tokens_per_iteration=schedule.max_tokens_per_iteration,
                           block_size=schedule.block_size, num_blocks=schedule.num_blocks,
-                          max_len=max(len(p) for p in prompts) + max_tokens, paged_attention=schedule.paged_attention)
+                          max_len=max(len(p) for p in prompts) + max_tokens, paged_attention=schedule.paged_attention,
+                          compile=schedule.compile)
     engine = ServingEngine(model, config)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, return_logits=True)
     ids: dict[int, str] = {}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive import FFN, ComponentConfig, FFNOutput, fused_weight
+from adaptive import FFN, ComponentConfig, FFNOutput, fused_projections, fused_weight
 
 
 class SwiGLU(FFN):
@@ -22,7 +22,7 @@ class SwiGLU(FFN):
         self.down = nn.Linear(d_ffn, d_model, bias=False)
 
     def forward(self, x_ND):
-        if not torch.is_inference_mode_enabled():
+        if not fused_projections():
             return FFNOutput(self.down(F.silu(self.gate(x_ND)) * self.up(x_ND)))
         # serving (inference mode): gate and up as one matmul over their weights concatenated once
         gate_NF, up_NF = F.linear(x_ND, fused_weight(self, (self.gate.weight, self.up.weight))).chunk(2, dim=-1)
