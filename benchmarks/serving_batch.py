@@ -7,12 +7,14 @@ for the tokens leaving, so each generated token takes about its depth in iterati
 do not shrink with the batch (op dispatch, the KV gather) therefore weigh on MoR at small batches.
 
     python benchmarks/serving_batch.py RUN [--batches 1,8,32,128] [--new-tokens 64] [--threads N] [--compile off|on|both]
+        [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,30 @@ from adaptive.serving.bench import (
 )
 
 
+def profile_run(run, top: int = 4) -> str:
+    """Self milliseconds of the top operators (torch.profiler), then cumulative milliseconds of the serving
+    engine's main functions (cProfile, a second run), of ``run()``."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    name = lambda key: "compiled graph" if key.startswith("## Call CompiledFxGraph") else key  # noqa: E731
+    ops = [f"{name(e.key)} {e.self_cpu_time_total / 1e3:.0f} ms ({e.count} calls)" for e in events[:top]]
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    stats = pstats.Stats(profiler).stats
+    wanted = {("engine.py", "generate"), ("engine.py", "run"), ("engine.py", "_finish"), ("scheduler.py", "plan"),
+              ("model_runner.py", "_call"), ("model_runner.py", "route"), ("model_runner.py", "_run_tokens"),
+              ("compiled.py", "run"), ("model_runner.py", "block_calls")}
+    funcs = [f"{Path(file).name}:{fn} {cum * 1e3:.0f} ms" for (file, _, fn), (_, _, _, cum, _) in stats.items()
+             if "adaptive/serving" in file and (Path(file).name, fn) in wanted]
+    return "; ".join(ops) + " | cProfile: " + ", ".join(sorted(funcs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run")
@@ -38,6 +64,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--paged-attention", default="auto", choices=["auto", "gather", "flex"])
+    parser.add_argument("--profile", action="store_true", help="after the timed runs at each batch size, profile one "
+                        "run of each side: its top operators (torch.profiler) and the engine's functions (cProfile)")
     parser.add_argument("--compile", default="off", choices=["off", "on", "both"],
                         help="EngineConfig.compile (decode calls as compiled graphs); both: eager and compiled sides, "
                         "interleaved")
@@ -76,6 +104,9 @@ def main() -> None:
             spread = f"{min(rates[name]):.0f}-{max(rates[name]):.0f}"
             print(f"{batch:>5} {name:17} {r.wall_s / r.iterations * 1e3:8.2f} {r.iterations * batch / r.tokens:10.2f} "
                   f"{medians[name]:9.1f} {spread:>15} {medians[name] / base:9.2f}x")
+        if args.profile:
+            for name, m, c in sides:
+                print(f"  profile, batch {batch}, {name}: {profile_run(lambda: run_once(m, work, options[c], None))}")
 
 if __name__ == "__main__":
     main()
