@@ -227,7 +227,7 @@ class PagedCall(TokenKV):
             except Exception as exc:  # noqa: BLE001 - a kernel that cannot be built here: the gather path
                 self.owners.give_up(exc)
         if out_RHKE is None:
-            kv_RS2GE = pool.kv.index_select(0, blocks).view(R, X * B * bs, *pool.kv.shape[2:])
+            kv_RS2GE = gather_blocks(pool.kv, blocks).view(R, X * B * bs, *pool.kv.shape[2:])
             k_RGSE, v_RGSE = kv_RS2GE[:, :, 0].transpose(1, 2), kv_RS2GE[:, :, 1].transpose(1, 2)
             out_RHKE = self.backend.attend(q_RHKE, k_RGSE, v_RGSE, allowed_BQS=allowed_RKS, causal=False)
         if batch.index_RK is None:
@@ -245,7 +245,7 @@ class PagedCall(TokenKV):
         not shadowed by an earlier-listed slot at the same column."""
         bs = self.pool.block_size
         R = blocks.shape[0] // (X * B)
-        key_col_RS = self.pool.cols.index_select(0, blocks).view(R, X * B * bs)
+        key_col_RS = gather_blocks(self.pool.cols, blocks).view(R, X * B * bs)
         read_len_RX = self.read_len_RJX[:, j] if batch.in_order else self.read_len_RJX[:, j].index_select(0, batch.rows_R)
         entry_S = torch.arange(B * bs, device=blocks.device).repeat(X)
         present_RS = entry_S[None] < read_len_RX.repeat_interleave(B * bs, dim=1)
@@ -270,3 +270,21 @@ class PagedCall(TokenKV):
             hidden.append((seen_RC.gather(1, cols_RXW[:, x]) > 0) & present_RXW[:, x])
             seen_RC = seen_RC.scatter_add(1, cols_RXW[:, x], present_RXW[:, x].long())
         return torch.cat(hidden, 1)
+
+
+@torch.library.custom_op("adaptive::gather_blocks", mutates_args=())
+def _gather_blocks_op(kv: Tensor, blocks: Tensor) -> Tensor:
+    return kv.index_select(0, blocks)
+
+
+@_gather_blocks_op.register_fake
+def _(kv: Tensor, blocks: Tensor) -> Tensor:
+    return kv.new_empty((blocks.shape[0], *kv.shape[1:]))
+
+
+def gather_blocks(kv: Tensor, blocks: Tensor) -> Tensor:
+    """``kv.index_select(0, blocks)``; inside a compiled graph an opaque op, so it runs as aten's copy of
+    whole blocks rather than as generated per-element code (slower on the CPU: docs/benchmarks.md)."""
+    if torch.compiler.is_compiling():
+        return _gather_blocks_op(kv, blocks)
+    return kv.index_select(0, blocks)
