@@ -179,7 +179,9 @@ def _print_bench(report: dict) -> None:
     lo, hi = report["speedup_spread"]
     console.print(f"speedup over vanilla {report['speedup']:.2f}x (spread {lo:.2f}-{hi:.2f} over "
                   f"{report['workload']['repeats']} interleaved repeats); FLOP-bound speedup at the observed depths "
-                  f"{report['flop_bound_speedup']:.2f}x\n{report['batching']}", highlight=False, soft_wrap=True)
+                  f"{report['flop_bound_speedup']:.2f}x\n{report['batching']}"
+                  + ("; decode calls as compiled graphs (--compile)" if report["workload"].get("compile") else ""),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("serve")

@@ -46,8 +46,9 @@ class EngineConfig(BaseModel):
         "block mask of each row's pages (compiled on CUDA, eager on the CPU); `auto`: flex on CUDA unless "
         "`compile` is set, else gather")
     compile: bool = Field(default=False, description="run the decode calls (one token per row: the shared block, "
-                          "prelude and coda) as graphs compiled by `torch.compile`, padded to bucketed batch "
-                          "sizes; CUDA graphs on CUDA. Needs the gather attention path")
+                          "prelude and coda) as graphs compiled by `torch.compile`: CUDA graphs on CUDA, padded to "
+                          "bucketed batch sizes; shape-dynamic graphs on the CPU. Needs the gather attention path; "
+                          "the first requests build the graphs")
 
     @model_validator(mode="after")
     def _compile_needs_gather(self) -> "EngineConfig":
