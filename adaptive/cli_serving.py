@@ -138,6 +138,9 @@ def bench_cmd(
         raise AdaptiveError(f"--prompt-source {prompt_source!r} is not one of auto, corpus, random")
     if paged_attention not in ("auto", "gather", "flex"):
         raise AdaptiveError(f"--paged-attention {paged_attention!r} is not one of auto, gather, flex")
+    if compile_ and paged_attention == "flex":
+        raise AdaptiveError("--compile reads the pages through the gather path: drop --paged-attention flex "
+                            "(or use --paged-attention gather)")
     opts = BenchOptions(num_prompts, prompt_len, max_new_tokens, rate, batch, block_size, repeats, seed, stop_at_eos,
                         prompt_source, paged_attention=paged_attention, compile=compile_)
     try:

@@ -139,6 +139,11 @@ def test_compile_with_flex_attention_is_refused():
     assert EngineConfig(compile=True).attention_path(torch.device("cpu")) == "gather"
 
 
+def test_bench_refuses_compile_with_flex(trained_run, capsys):  # noqa: F811 (the fixture)
+    code, _, err = run_main(capsys, "bench", str(trained_run), "--compile", "--paged-attention", "flex")
+    assert code != 0 and "--compile" in err and "--paged-attention" in err
+
+
 def test_bench_compile_reports_it(trained_run, capsys, graph_calls):  # noqa: F811 (the fixture)
     code, out, err = run_main(capsys, "bench", str(trained_run), "--num-prompts", "3", "--prompt-len", "4:8",
                               "--max-new-tokens", "3:5", "--repeats", "1", "--batch", "2", "--json", "--device", "cpu",
