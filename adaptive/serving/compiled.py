@@ -47,6 +47,8 @@ def row_buckets(max_rows: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """The compiled decode calls of one serving engine (its pool), built on first use."""
+
     def __init__(self, engine: RecursionEngine, pool: KVPool, max_rows: int, max_blocks: int, max_len: int,
                  mode: str | None = None):
         self.engine, self.pool = engine, pool
@@ -60,12 +62,13 @@ class DecodeGraphs:
             torch._dynamo.mark_static_address(pool.kv)
             torch._dynamo.mark_static_address(pool.cols)
         self.graph = compiled_call(mode)
-        self.shapes: set[tuple] = set()  # (layers, rows, blocks) of every call padded so far
         self.warm: set[tuple[int, ...]] = set()
         self.failed: str | None = None  # why compiling failed (the calls then run eagerly)
 
     def eligible(self, call: PagedCall, frozen_ND: Tensor | None) -> bool:
-        return self.failed is None and frozen_ND is None and call.owners is None and len(call.batches) == 1 and call.batches[0].in_order
+        """One-token rows in order, none frozen, gathered attention, and graphs that could be built."""
+        one_batch = len(call.batches) == 1 and call.batches[0].in_order
+        return self.failed is None and frozen_ND is None and call.owners is None and one_batch
 
     def block_bucket(self, blocks: int) -> int:
         b = 1
@@ -93,7 +96,6 @@ class DecodeGraphs:
         except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler for inductor: the eager path, said once
             self.give_up(exc)
             return self.engine.run_tokens(logical, x_ND, cos_NE, sin_NE, call)  # rewrites the same entries
-        self.shapes.add((logical, R, B))
         return out_RD[:N].clone() if self.cuda or pad else out_RD
 
     def give_up(self, exc: Exception) -> None:
