@@ -45,7 +45,8 @@ class Schedule:
 def decode_alone(model: AdaptiveLM, prompt: list[int], max_tokens: int) -> Reference:
     """Greedy decoding of one request with the model's cache: prefill, then one token per forward."""
     cache = model.new_cache(1, len(prompt) + max_tokens)
-    out = model(torch.tensor([prompt]), cache=cache)
+    device = model.embed.weight.device
+    out = model(torch.tensor([prompt], device=device), cache=cache)
     tokens, depths, logits = [], [], []
     for i in range(max_tokens):
         last = out.logits_BTV[0, -1]
@@ -54,7 +55,7 @@ def decode_alone(model: AdaptiveLM, prompt: list[int], max_tokens: int) -> Refer
         depths.append(int(depth))
         logits.append(last)
         if i + 1 < max_tokens:
-            out = model(torch.tensor([[tokens[-1]]]), cache=cache)
+            out = model(torch.tensor([[tokens[-1]]], device=device), cache=cache)
     return Reference(tokens, depths, logits)
 
 
@@ -62,11 +63,13 @@ def decode_alone(model: AdaptiveLM, prompt: list[int], max_tokens: int) -> Refer
 def check_serving_consistency(model_or_config: ModelLike, *, prompts: list[list[int]] | None = None,
                               max_tokens: int = 6, schedule: Schedule | None = None, seed: int = 0,
                               capacities: list[float] | None = None, registry: Registry | None = None,
-                              atol: float = ATOL, rtol: float = RTOL) -> None:
-    """Raise AssertionError when the serving engine's output for a request differs from decoding it alone."""
+                              atol: float = ATOL, rtol: float = RTOL, device: str = "cpu",
+                              dtype: torch.dtype = torch.float64) -> None:
+    """Raise AssertionError when the serving engine's output for a request differs from decoding it alone
+    (the model in ``dtype`` on ``device``: float64 on the CPU unless a GPU path is checked)."""
     from adaptive.serving import EngineConfig, SamplingParams, ServingEngine
 
-    model = as_model(model_or_config, registry=registry, seed=seed, capacities=capacities)
+    model = as_model(model_or_config, registry=registry, seed=seed, capacities=capacities, dtype=dtype).to(device)
     if prompts is None:
         g = torch.Generator().manual_seed(seed)
         prompts = [torch.randint(0, model.vocab_size, (int(n),), generator=g).tolist()
