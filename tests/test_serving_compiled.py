@@ -1,6 +1,7 @@
 """The compiled decode graphs (``EngineConfig.compile``) give every request what decoding it alone gives
 (greedy, float64, CPU), for each KV policy, router and the vanilla model, with preemption; hypothesis draws
-the models, prompts, arrivals and limits. Most cases trace with ``aot_eager`` (dynamo and functionalization,
+the models, prompts, arrivals and limits, and whether calls are padded to buckets (as on CUDA; the CPU
+default is unpadded). Most cases trace with ``aot_eager`` (dynamo and functionalization,
 no code generation, so the suite stays fast); one runs inductor's generated code. Each case also checks
 that its decode calls did run through a graph, so a silent fall-back to eager cannot pass.
 """
@@ -59,7 +60,8 @@ def compiled_schedule(schedule: Schedule) -> Schedule:
     pytest.param({"sharing": "middle_cycle", "router": "expert_choice", "kv_policy": p}, id=f"expert_choice-{p}")
     for p in ("full", "recursion_wise", "recursive_sharing", "hybrid")
 ] + [pytest.param({"sharing": "cycle", "router": "token_choice", "kv_policy": "recursion_wise"}, id="token_choice"),
-     pytest.param({"sharing": "none", "router": "all", "kv_policy": "full"}, id="vanilla")])
+     pytest.param({"sharing": "none", "router": "all", "kv_policy": "full"}, id="vanilla"),
+     pytest.param({**MOR, "ffn": "moe"}, id="moe")])
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_compiled_decode_graphs_equal_decoding_alone(parts, data, graph_calls):
