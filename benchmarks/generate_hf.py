@@ -67,14 +67,19 @@ def time_ours(model, prompts: torch.Tensor, new_tokens: int, block_size: int, co
     return elapsed, [c.tokens for c in done]
 
 
-def profile_ops(run, top: int = 6) -> dict[str, float]:
-    """Self CPU milliseconds of the ``top`` operators of one run, and the total."""
+def profile_ops(run, top: int = 6, counts: bool = False) -> dict[str, float | str]:
+    """Self CPU milliseconds of the ``top`` operators of one run, and the total; with ``counts``, each as
+    "MS ms (CALLS calls)". A compiled graph's own kernels are named "compiled graph"."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    ops = {e.key: e.self_cpu_time_total / 1e3 for e in events[:top]}
+    ops: dict[str, float | str] = {}
+    for e in events[:top]:
+        name = "compiled graph" if e.key.startswith("## Call CompiledFxGraph") else e.key
+        ms = e.self_cpu_time_total / 1e3
+        ops[name if name not in ops else f"{name} ({len(ops)})"] = f"{ms:.0f} ms ({e.count} calls)" if counts else ms
     ops["total"] = sum(e.self_cpu_time_total for e in events) / 1e3
     return ops
 
@@ -148,6 +153,7 @@ def main() -> None:
         print(f"HF generate (static cache) {report['hf_tokens_per_s']:,.1f} tokens/s, {name} "
               f"{report[f'{name}_tokens_per_s']:,.1f} tokens/s: {report[f'{prefix}speedup']:.2f}x (spread {lo:.2f}-"
               f"{hi:.2f}); greedy outputs agree for {report[f'{prefix}greedy_agreement']:.0%} of requests")
+
 
 if __name__ == "__main__":
     main()

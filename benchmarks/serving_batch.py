@@ -29,19 +29,16 @@ from adaptive.serving.bench import (
 )
 
 
-def profile_run(run, top: int = 4) -> str:
-    """Self milliseconds of the top operators (torch.profiler), then cumulative milliseconds of the serving
-    engine's main functions (cProfile, a second run), of ``run()``."""
+def profile_run(run) -> str:
+    """The top operators of ``run()`` (``generate_hf.profile_ops``), then the cumulative milliseconds of the
+    serving engine's main functions (cProfile, a second run)."""
     import cProfile
     import pstats
 
-    from torch.profiler import ProfilerActivity, profile
+    from generate_hf import profile_ops  # this directory's other benchmark script
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    name = lambda key: "compiled graph" if key.startswith("## Call CompiledFxGraph") else key  # noqa: E731
-    ops = [f"{name(e.key)} {e.self_cpu_time_total / 1e3:.0f} ms ({e.count} calls)" for e in events[:top]]
+    ops = profile_ops(run, top=4, counts=True)
+    ops.pop("total")
     profiler = cProfile.Profile()
     profiler.runcall(run)
     stats = pstats.Stats(profiler).stats
@@ -50,7 +47,7 @@ def profile_run(run, top: int = 4) -> str:
               ("compiled.py", "run"), ("model_runner.py", "block_calls")}
     funcs = [f"{Path(file).name}:{fn} {cum * 1e3:.0f} ms" for (file, _, fn), (_, _, _, cum, _) in stats.items()
              if "adaptive/serving" in file and (Path(file).name, fn) in wanted]
-    return "; ".join(ops) + " | cProfile: " + ", ".join(sorted(funcs))
+    return "; ".join(f"{op} {v}" for op, v in ops.items()) + " | cProfile: " + ", ".join(sorted(funcs))
 
 
 def main() -> None:
@@ -107,6 +104,7 @@ def main() -> None:
         if args.profile:
             for name, m, c in sides:
                 print(f"  profile, batch {batch}, {name}: {profile_run(lambda: run_once(m, work, options[c], None))}")
+
 
 if __name__ == "__main__":
     main()

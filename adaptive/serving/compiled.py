@@ -49,19 +49,16 @@ def row_buckets(max_rows: int) -> list[int]:
 class DecodeGraphs:
     """The compiled decode calls of one serving engine (its pool), built on first use."""
 
-    def __init__(self, engine: RecursionEngine, pool: KVPool, max_rows: int, max_blocks: int, max_len: int,
-                 mode: str | None = None):
+    def __init__(self, engine: RecursionEngine, pool: KVPool, max_rows: int, max_blocks: int, max_len: int):
         self.engine, self.pool = engine, pool
         self.buckets = row_buckets(max_rows)
         self.max_blocks, self.max_len = max_blocks, max_len
         self.trash_block = pool.kv.shape[0] - 1
         self.cuda = pool.kv.device.type == "cuda"
-        if mode is None and self.cuda:
-            mode = "reduce-overhead"
         if self.cuda:
             torch._dynamo.mark_static_address(pool.kv)
             torch._dynamo.mark_static_address(pool.cols)
-        self.graph = compiled_call(mode)
+        self.graph = compiled_call("reduce-overhead" if self.cuda else None)
         self.warm: set[tuple[int, ...]] = set()
         self.failed: str | None = None  # why compiling failed (the calls then run eagerly)
 

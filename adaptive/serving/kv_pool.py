@@ -41,18 +41,24 @@ Tensor = torch.Tensor
 class KVPool:
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        self.block_size = block_size
         self.kv = torch.zeros(num_blocks + 1, block_size, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.cols = torch.full((num_blocks + 1, block_size), -1, dtype=torch.long, device=device)
-        self.trash_entry = num_blocks * block_size  # first entry of the trash block
 
     @classmethod
     def over(cls, kv: Tensor, cols: Tensor) -> "KVPool":
         """A pool over existing tensors (inside a compiled graph, which takes them as inputs)."""
         pool = cls.__new__(cls)
-        pool.kv, pool.cols, pool.block_size = kv, cols, kv.shape[1]
-        pool.trash_entry = (kv.shape[0] - 1) * kv.shape[1]
+        pool.kv, pool.cols = kv, cols
         return pool
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def trash_entry(self) -> int:
+        """The first entry of the trash block (the last one)."""
+        return (self.kv.shape[0] - 1) * self.kv.shape[1]
 
     @property
     def bytes_per_entry(self) -> int:
